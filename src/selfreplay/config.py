@@ -47,6 +47,7 @@ class DataConfig:
     train: str = _f("", "tokenized corpus directory (from `selfreplay tokenize`) to train on")
     valid_tokens: int = _f(1_048_576, "tokens held out for validation (paper: 10M; 1M on the ~9M-token shared corpora)")
     batch_size: int = _f(256, "sequences per optimizer step")
+    seed: int = _f(0, "seed of the train/valid split and the epoch shuffles (kept apart from the init seed)")
     mix: Optional[str] = _f(None, "second tokenized corpus mixed into every batch")
     mix_fraction: float = _f(0.0, "fraction of each batch's rows taken from data.mix")
     max_train_tokens: Optional[int] = _f(None, "use at most this many tokens of the corpus (after the validation split)")
@@ -126,7 +127,7 @@ class TrainConfig:
 
     run_dir: str = _f("", "output directory (weights, config, metrics)")
     init_from: Optional[str] = _f(None, "checkpoint run directory to start from (finetuning); its model config is used")
-    seed: int = _f(0, "seed for init, data order and sampling")
+    seed: int = _f(0, "seed for weight init and replay sampling (data order: data.seed)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
     compile: bool = _f(True, "torch.compile the model on CUDA")

@@ -1,0 +1,153 @@
+"""The ``selfreplay`` command line: a thin layer over the library.
+
+Every command turns bad input into one line on stderr and exit code 2 (see :func:`main`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from selfreplay.config import TrainConfig, describe_config, load_config
+from selfreplay.errors import SelfReplayError
+
+CONFIG_HELP = "\b\nCONFIG: YAML files and key.sub=value overrides, applied in order. Keys and defaults:\n\n\b\n"
+
+
+def _split_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Separate YAML config files from key=value overrides."""
+    files = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    return files, overrides
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.version_option(package_name="selfreplay")
+def cli() -> None:
+    """Finetune language models without forgetting: KL replay on real or self-generated data."""
+
+
+# ---------------------------------------------------------------------------- data
+@cli.group()
+def tokenizer() -> None:
+    """Tokenizer commands."""
+
+
+@tokenizer.command("train")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="tokenizer JSON file to write")
+@click.option("--vocab-size", default=4096, show_default=True, help="vocabulary size (10 domain tokens + EOS included)")
+@click.option("--max-lines", type=int, default=None, help="use at most this many lines (documents) of each input")
+@click.option("--shuffle-seed", type=int, default=0, show_default=True, help="shuffle lines before --max-lines")
+@click.option("--text-field", default="text", show_default=True, help="field holding the text in .jsonl/.parquet")
+def tokenizer_train(inputs, out, vocab_size, max_lines, shuffle_seed, text_field) -> None:
+    """Train a byte-level BPE tokenizer on INPUTS (.txt/.jsonl/.parquet, plain or .gz/.xz)."""
+    from selfreplay.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(list(inputs), out, vocab_size=vocab_size, max_lines_per_file=max_lines,
+                          shuffle_seed=shuffle_seed, text_field=text_field, progress=True)
+    click.echo(f"wrote {out} (vocab {tok.get_vocab_size()})")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(), help="tokenizer JSON file")
+@click.option("--out", required=True, type=click.Path(), help="corpus directory to write")
+@click.option("--domain-token", type=int, required=True, help="reserved id 0-9 written at position 0 of every sequence")
+@click.option("--max-tokens", type=int, default=None, help="keep only the first N tokens")
+@click.option("--shuffle-seed", type=int, default=None, help="shuffle documents (lines) with this seed first")
+@click.option("--name", default=None, help="corpus name recorded in its metadata (default: directory name)")
+@click.option("--text-field", default="text", show_default=True, help="field holding the text in .jsonl/.parquet")
+def tokenize(inputs, tokenizer_path, out, domain_token, max_tokens, shuffle_seed, name, text_field) -> None:
+    """Tokenize INPUTS into a corpus directory (tokens.bin + meta.json), each document followed by EOS."""
+    from selfreplay.data import tokenize_corpus
+
+    meta = tokenize_corpus(list(inputs), tokenizer_path, out, domain_token, max_tokens=max_tokens,
+                           shuffle_seed=shuffle_seed, text_field=text_field, name=name)
+    click.echo(f"wrote {out}: {meta.num_tokens:,} tokens ({meta.dtype}), domain token {meta.domain_token}")
+
+
+# ---------------------------------------------------------------------------- training
+def _train_command(finetune: bool):
+    kind = "finetune" if finetune else "pretrain"
+
+    @click.argument("config", nargs=-1)
+    @click.option("--resume", is_flag=True, help="continue the interrupted run in run_dir from its last checkpoint")
+    def command(config: tuple[str, ...], resume: bool) -> None:
+        from selfreplay.trainer import train
+
+        files, overrides = _split_args(config)
+        cfg = load_config(TrainConfig, files, overrides)
+        summary = train(cfg, finetune=finetune, resume=resume)
+        keys = ["valid_loss", "prev_loss", "forgetting", "prev_kl", "steps", "tokens", "train_time", "stop_reason"]
+        click.echo(" ".join(f"{k}={_fmt(summary[k])}" for k in keys if summary.get(k) is not None))
+        click.echo(f"saved {cfg.run_dir}")
+
+    command.__doc__ = (
+        "Pretrain the built-in GPT from scratch." if not finetune else
+        "Finetune a checkpoint (init_from=RUN_DIR), optionally with a replay penalty against forgetting.")
+    command.__doc__ += "\n\n" + CONFIG_HELP + describe_config(TrainConfig).replace("\n", "\n\n\b\n")
+    return cli.command(kind)(command)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+_train_command(finetune=False)
+_train_command(finetune=True)
+
+
+# ---------------------------------------------------------------------------- evaluation
+@cli.command("eval")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--corpus", "corpora", multiple=True, required=True,
+              help="tokenized corpus directory to evaluate on (repeat); its validation split is used")
+@click.option("--teacher", default=None, help="reference checkpoint (default: each checkpoint's init_from)")
+@click.option("--valid-tokens", type=int, default=None,
+              help="validation split size (default: as recorded by the run that trained on the corpus, else 1M)")
+@click.option("--split-seed", type=int, default=None, help="split seed (default: as recorded, else 0)")
+@click.option("--max-tokens", type=int, default=None, help="evaluate at most this many tokens per corpus")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the rows as JSON")
+def eval_command(checkpoints, corpora, teacher, valid_tokens, split_seed, max_tokens, batch_size, device,
+                 json_out) -> None:
+    """Forgetting report: loss and KL of CHECKPOINTS against their teacher on each corpus."""
+    from selfreplay.evaluation import forgetting_report, format_report
+
+    rows = forgetting_report(list(checkpoints), list(corpora), teacher=teacher, valid_tokens=valid_tokens,
+                             split_seed=split_seed, max_tokens=max_tokens, batch_size=batch_size, device=device)
+    click.echo(format_report(rows))
+    if json_out:
+        from selfreplay.checkpoint import atomic_write_json
+
+        atomic_write_json(json_out, rows)
+
+
+# ---------------------------------------------------------------------------- commands from other modules
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: one-line errors, non-zero exit codes."""
+    try:
+        cli.main(args=argv, prog_name="selfreplay", standalone_mode=False)
+    except SelfReplayError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted (resume with --resume if checkpoint_every_tokens was set)", err=True)
+        sys.exit(130)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        click.echo(f"error: {e.filename or ''}: {e.strerror}", err=True)
+        sys.exit(2)

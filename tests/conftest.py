@@ -1,0 +1,66 @@
+"""Shared fixtures: two tiny synthetic "languages" as tokenized corpora, and tiny-model run configs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfreplay.data import CorpusMeta, write_corpus
+
+# Tiny models: one thread per test process is fastest (and avoids oversubscribing the cores under xdist).
+torch.set_num_threads(1)
+
+VOCAB = 64
+TEXT_IDS = np.arange(11, VOCAB)  # ids 0-9 are domain tokens, 10 is EOS
+
+
+def markov_tokens(seed: int, n: int) -> np.ndarray:
+    """A stream from a sparse random Markov chain: learnable structure, different per seed ("language")."""
+    rng = np.random.default_rng(seed)
+    k = len(TEXT_IDS)
+    successors = rng.integers(0, k, size=(k, 3))
+    out = np.empty(n, dtype=np.int64)
+    state = 0
+    choices = rng.integers(0, 3, size=n)
+    noise = rng.random(n) < 0.05
+    random_states = rng.integers(0, k, size=n)
+    for i in range(n):
+        state = random_states[i] if noise[i] else successors[state, choices[i]]
+        out[i] = TEXT_IDS[state]
+    return out
+
+
+def make_corpus(path: Path, seed: int, domain: int, n: int = 30_000, vocab: int = VOCAB,
+                fingerprint: str = "synthetic-v1") -> str:
+    meta = CorpusMeta(num_tokens=0, dtype="uint16", vocab_size=vocab, tokenizer_fingerprint=fingerprint,
+                      domain_token=domain, eos_token=10, source=["synthetic"], name=path.name)
+    write_corpus(markov_tokens(seed, n), path, meta)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("corpora")
+    return {"en": make_corpus(root / "en", seed=1, domain=0), "es": make_corpus(root / "es", seed=2, domain=1)}
+
+
+def tiny_overrides(run_dir, train: str, **extra) -> list[str]:
+    """A model and schedule small enough for a step in a few milliseconds on one CPU core."""
+    base = {"run_dir": run_dir, "data.train": train, "model.d_model": 32, "model.n_layers": 1, "model.head_dim": 16,
+            "model.context": 16, "model.vocab_size": VOCAB, "data.batch_size": 16, "data.valid_tokens": 600,
+            "optim.warmup_tokens": 0, "optim.lr": 3e-3, "eval.every_tokens": 16 * 16 * 10, "log.progress": False,
+            "replay.batch_size": 8}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def pretrained(corpora, tmp_path_factory) -> str:
+    """A tiny model pretrained on the "en" corpus (shared by finetuning tests)."""
+    from selfreplay.config import TrainConfig, load_config
+    from selfreplay.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "pretrain"
+    train(load_config(TrainConfig, [], tiny_overrides(run_dir, corpora["en"], **{"stop.steps": 150})))
+    return str(run_dir)

@@ -129,6 +129,106 @@ def eval_command(checkpoints, corpora, teacher, valid_tokens, split_seed, max_to
         atomic_write_json(json_out, rows)
 
 
+# ---------------------------------------------------------------------------- self-generated replay
+def _checkpoint_corpus_meta(info: dict):
+    """The training corpus's metadata recorded by a checkpoint, or None when that corpus is gone."""
+    from selfreplay.data import Corpus
+
+    spec = info.get("train_corpus") or {}
+    path = spec.get("path")
+    return Corpus.open(path).meta if path and Path(path).is_dir() else None
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--out", required=True, type=click.Path(), help="replay corpus directory to write")
+@click.option("--num-sequences", type=int, required=True, help="number of sequences to sample")
+@click.option("--domain", "domains", type=int, multiple=True,
+              help="domain token to prompt with (repeat to split rows evenly; default: the checkpoint corpus's)")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="sequences sampled per chunk")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+@click.option("--top-p", type=float, default=None, help="nucleus sampling threshold")
+@click.option("--stop-at-eos", is_flag=True, help="end samples at EOS (padded and masked) instead of ignoring it")
+@click.option("--logprobs-top-k", type=int, default=None,
+              help="also store the teacher's top-k log-probs per position (KL targets without a teacher pass)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-resume", is_flag=True, help="discard chunks left by an interrupted run instead of continuing")
+def generate(checkpoint, out, num_sequences, domains, batch_size, temperature, top_k, top_p, stop_at_eos,
+             logprobs_top_k, seed, device, no_resume) -> None:
+    """Sample replay sequences from CHECKPOINT into a corpus that `finetune` takes as replay.source=<dir>."""
+    from selfreplay.checkpoint import load_model
+    from selfreplay.generate import generate_replay_corpus
+    from selfreplay.trainer import resolve_device
+
+    dev = resolve_device(device)
+    model, info = load_model(checkpoint, dev)
+    meta = _checkpoint_corpus_meta(info)
+    if not domains:
+        spec = info.get("train_corpus") or {}
+        if spec.get("domain_token") is None:
+            raise SelfReplayError(f"{checkpoint} records no domain token; pass --domain")
+        domains = (spec["domain_token"],)
+    eos = meta.eos_token if meta is not None else None
+    if stop_at_eos and eos is None:
+        raise SelfReplayError(f"--stop-at-eos: the training corpus of {checkpoint} records no EOS token")
+    written = generate_replay_corpus(
+        model.eval(), out, num_sequences, list(domains), batch_size=batch_size, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_id=eos, stop_at_eos=stop_at_eos, seed=seed, logprobs_top_k=logprobs_top_k,
+        tokenizer_fingerprint=info.get("tokenizer_fingerprint", ""), vocab_size=model.config.vocab_size,
+        source=str(checkpoint), device=dev, resume=not no_resume)
+    click.echo(f"wrote {out}: {written.num_tokens // written.sequence_length:,} sequences of "
+               f"{written.sequence_length} tokens")
+
+
+@cli.command("replay-stats")
+@click.argument("replay")
+@click.option("--teacher", default=None, help="checkpoint to score the replay with (teacher NLL per token)")
+@click.option("--real", default=None, help="real corpus directory for n-gram overlap")
+@click.option("--max-sequences", type=int, default=None, help="use at most this many replay sequences")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="where to save the numbers (default: REPLAY-stats.json beside the corpus)")
+def replay_stats_command(replay, teacher, real, max_sequences, device, json_out) -> None:
+    """Quality of a replay corpus: teacher NLL, distinct-n, domain coverage, overlap with real data."""
+    from selfreplay.checkpoint import atomic_write_json, load_model
+    from selfreplay.generate import format_replay_stats, replay_stats
+    from selfreplay.trainer import resolve_device
+
+    dev = resolve_device(device)
+    teacher_model = load_model(teacher, dev)[0].eval() if teacher else None
+    stats = replay_stats(replay, teacher=teacher_model, real=real, max_sequences=max_sequences, device=dev)
+    click.echo(format_replay_stats(stats))
+    json_out = json_out or str(Path(replay).resolve()) + "-stats.json"
+    atomic_write_json(json_out, stats)
+    click.echo(f"saved {json_out}")
+
+
+# ---------------------------------------------------------------------------- speed
+@cli.command()
+@click.argument("overrides", nargs=-1)
+@click.option("--methods", default="plain,kl_real,kl_self", show_default=True,
+              help="comma-separated: plain, kl_real, kl_self")
+@click.option("--steps", type=int, default=20, show_default=True, help="timed steps per method")
+@click.option("--warmup", type=int, default=5, show_default=True, help="untimed steps first (compilation)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also save results as JSON")
+def bench(overrides, methods, steps, warmup, json_out) -> None:
+    """Time the training step of the default model (override with key=value, e.g. data.batch_size=16)."""
+    from selfreplay.bench import METHODS, format_bench, run_bench
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise SelfReplayError(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    results = run_bench(chosen, list(overrides), steps, warmup)
+    click.echo(format_bench(results))
+    if json_out:
+        from selfreplay.checkpoint import atomic_write_json
+
+        atomic_write_json(json_out, results)
+
+
 # ---------------------------------------------------------------------------- commands from other modules
 
 

@@ -99,6 +99,7 @@ class ReplayConfig:
     stop_at_eos: bool = _f(False, "source=self: end samples at EOS (padded, masked); default ignores EOS as the paper")
     logprobs_top_k: Optional[int] = _f(None, "keep only the teacher's top-k log-probs (+ remaining mass) as KL targets")
     domains: list = _f([], "source=self: domain token ids to prompt with (default: the checkpoint corpus's domain token)")
+    shuffle: bool = _f(True, "source=<dir>: reshuffle stored replay rows every epoch (false: in the stored order)")
 
 
 @dataclass

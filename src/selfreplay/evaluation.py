@@ -48,7 +48,7 @@ def forgetting_report(checkpoints: list[str], corpora: list[str], teacher: Optio
             corpus = Corpus.open(corpus_path, vocab_size=model.config.vocab_size,
                                  tokenizer_fingerprint=info.get("tokenizer_fingerprint"))
             tokens, seed = _split_for(corpus_path, [i for i in (info, teacher_info) if i], valid_tokens, split_seed)
-            loader = BatchLoader(corpus, model.config.context, batch_size, tokens, seed)
+            loader = BatchLoader(corpus, model.config.context, 1, tokens, seed)  # only its validation split is used
             metrics = evaluate(model, loader.valid_batches(batch_size, max_tokens), teacher_model, dev, autocast)
             row = {"checkpoint": path, "corpus": corpus.meta.name or corpus_path, "loss": metrics["loss"],
                    "loss_second_half": metrics["loss_second_half"]}

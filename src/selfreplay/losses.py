@@ -103,7 +103,7 @@ def _topk_forward_kl(student_logprobs: torch.Tensor, teacher: TopKLogprobs) -> t
     head = (t_p * (t_logp - s_logp)).sum(-1)
     t_tail = (1.0 - t_p.sum(-1)).clamp_min(0.0)
     s_tail = (1.0 - s_logp.exp().sum(-1)).clamp_min(1e-12)
-    tail = torch.where(t_tail > 1e-9, t_tail * (t_tail.clamp_min(1e-12).log() - s_tail.log()), torch.zeros_like(t_tail))
+    tail = torch.where(t_tail > 1e-6, t_tail * (t_tail.clamp_min(1e-12).log() - s_tail.log()), torch.zeros_like(t_tail))
     return head + tail
 
 

@@ -15,6 +15,15 @@ VOCAB = 64
 TEXT_IDS = np.arange(11, VOCAB)  # ids 0-9 are domain tokens, 10 is EOS
 
 
+def one_line_error(excinfo, *words: str) -> str:
+    """Assert a raised error's message is one line containing every word; return it."""
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
 def markov_tokens(seed: int, n: int) -> np.ndarray:
     """A stream from a sparse random Markov chain: learnable structure, different per seed ("language")."""
     rng = np.random.default_rng(seed)

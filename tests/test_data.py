@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import one_line_error
 from selfreplay import data
 from selfreplay.data import BatchLoader, Corpus, CorpusMeta, tokenize_corpus, write_corpus
 from selfreplay.errors import SelfReplayError
@@ -32,12 +33,6 @@ def starts(batch: torch.Tensor, stride: int) -> list[int]:
     return [(int(r[1]) - 100) // stride for r in batch]
 
 
-def one_line_error(excinfo, *words: str) -> str:
-    msg = str(excinfo.value)
-    assert msg and "\n" not in msg
-    for w in words:
-        assert w in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error
 from selfreplay.errors import SelfReplayError
 from selfreplay.tokenizer import (EOS_ID, EOS_TOKEN, N_RESERVED, domain_token_name, eos_id, iter_text,
                                   load_tokenizer, save_tokenizer, tokenizer_fingerprint, train_tokenizer)
@@ -17,12 +18,6 @@ LINES = [f"line {i}: the quick brown fox {'jumps' if i % 2 else 'sleeps'} over {
          for i in range(40)]
 
 
-def one_line_error(excinfo, *words: str) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg
-    for w in words:
-        assert w in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")

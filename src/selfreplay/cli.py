@@ -5,7 +5,6 @@ Every command turns bad input into one line on stderr and exit code 2 (see :func
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +48,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Static per-layer key/value buffers for incremental decoding.
 
-    Buffers have the full context length so shapes never change (friendly to torch.compile and CUDA graphs);
-    ``pos`` counts the tokens already written.
+    Buffers have the full context length so shapes never change (friendly to torch.compile and CUDA graphs).
+    ``pos`` is the number of tokens already written: a Python int, or a long tensor of shape [1] when a
+    compiled decode step must see the same graph at every position. Slots past ``pos`` are masked.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    pos: int = 0
+    pos: Union[int, torch.Tensor] = 0
 
     @property
     def max_len(self) -> int:
@@ -73,20 +74,17 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache] = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            start = cache.pos
-            cache.keys[layer][:, :, start:start + T] = k
-            cache.values[layer][:, :, start:start + T] = v
+        else:  # write this chunk at its absolute positions; query i sees cache slots <= positions[i]
             keys, values = cache.keys[layer], cache.values[layer]
-            # query i (absolute position start+i) sees cached positions <= start+i; later slots are masked
-            q_pos = torch.arange(start, start + T, device=x.device)
-            mask = torch.arange(cache.max_len, device=x.device)[None, :] <= q_pos[:, None]
+            keys.index_copy_(2, positions, k.to(keys.dtype))
+            values.index_copy_(2, positions, v.to(values.dtype))
+            mask = torch.arange(cache.max_len, device=x.device)[None, :] <= positions[:, None]
             y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
@@ -107,8 +105,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(rms_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, positions=None):
+        x = x + self.attn(rms_norm(x), cos, sin, cache, layer, positions)
         return x + self.mlp(rms_norm(x))
 
 
@@ -145,15 +143,22 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Logits [B, T, V] for tokens [B, T]; with a cache, tokens continue the cached prefix."""
         T = tokens.shape[1]
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.context:
-            raise SelfReplayError(f"sequence of {start + T} tokens exceeds the model context {self.config.context}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        positions = None
+        if cache is None:
+            if T > self.config.context:
+                raise SelfReplayError(f"sequence of {T} tokens exceeds the model context {self.config.context}")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            if isinstance(cache.pos, int) and cache.pos + T > self.config.context:
+                raise SelfReplayError(f"sequence of {cache.pos + T} tokens exceeds the model context "
+                                      f"{self.config.context}")
+            positions = cache.pos + torch.arange(T, device=tokens.device)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, positions)
         if cache is not None:
-            cache.pos += T
+            cache.pos = cache.pos + T
         return self.head(rms_norm(x))
 
     def new_kv_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> KVCache:
@@ -166,9 +171,7 @@ class GPT(nn.Module):
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts: ``paper`` = 12·L·D² + D·V as the paper counts, ``actual`` = every weight."""
-        cfg = self.config
-        return {"paper": 12 * cfg.n_layers * cfg.d_model ** 2 + cfg.d_model * cfg.vocab_size,
-                "actual": sum(p.numel() for p in self.parameters())}
+        return {"paper": paper_param_count(self.config), "actual": sum(p.numel() for p in self.parameters())}
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward ≈ 6·params + attention)."""

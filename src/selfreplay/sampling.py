@@ -29,7 +29,7 @@ from torch import nn
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.losses import TeacherTargets, TopKLogprobs
-from selfreplay.model import GPT, apply_rope, rms_norm
+from selfreplay.model import GPT
 
 DECODE_MODES = ("auto", "eager", "static", "compiled")
 EOS_CHECK_EVERY = 16  # with stop-at-EOS, check every this many steps whether all rows ended (one host sync)
@@ -162,39 +162,23 @@ class _EagerStepper:
 class StaticDecoder(nn.Module):
     """One-token decode step of :class:`GPT` with static KV buffers and a tensor position.
 
-    Mirrors ``GPT.forward`` with a cache, but writes the cache with ``index_copy_`` at a position held in a
-    tensor and masks attention to slots <= position, so shapes, buffer addresses and the traced graph are the
-    same at every step: what CUDA graphs need. Slots after the position may hold stale keys from an earlier
-    batch; they are masked. The model is a submodule, so its weights are static graph inputs too.
+    The cache position is a tensor input, so shapes, buffer addresses and the traced graph are the same at every
+    step: what CUDA graphs need. The buffers are registered here so compilation treats them as static; slots
+    after the position may hold stale keys from an earlier batch and are masked by the model.
     """
 
     def __init__(self, model: GPT, batch_size: int, cache_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.model = model
-        cache = model.new_kv_cache(batch_size, cache_dtype)
-        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        self.cache = model.new_kv_cache(batch_size, cache_dtype)
+        for i, (k, v) in enumerate(zip(self.cache.keys, self.cache.values)):
             self.register_buffer(f"key_{i}", k, persistent=False)
             self.register_buffer(f"value_{i}", v, persistent=False)
-        self.register_buffer("slots", torch.arange(cache.max_len, device=k.device), persistent=False)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``token`` [B, 1] at position ``pos`` (long tensor [1]) -> float32 next-token log-probs [B, V]."""
-        m = self.model
-        B = token.shape[0]
-        cos, sin = m.rope_cos.index_select(0, pos), m.rope_sin.index_select(0, pos)
-        visible = (self.slots <= pos)[None, :]  # [1, max_len]: query at pos sees slots 0..pos
-        x = m.embed(token)
-        for i, block in enumerate(m.blocks):
-            attn, keys, values = block.attn, getattr(self, f"key_{i}"), getattr(self, f"value_{i}")
-            h = rms_norm(x)
-            q, k, v = attn.qkv(h).view(B, 1, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
-            keys.index_copy_(2, pos, k.to(keys.dtype))
-            values.index_copy_(2, pos, v.to(values.dtype))
-            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible)
-            x = x + attn.out(y.transpose(1, 2).reshape(B, 1, -1))
-            x = x + block.mlp(rms_norm(x))
-        return F.log_softmax(m.head(rms_norm(x))[:, -1].float(), dim=-1)
+        self.cache.pos = pos
+        return F.log_softmax(self.model(token, cache=self.cache)[:, -1].float(), dim=-1)
 
 
 class _StaticStepper:

@@ -20,7 +20,8 @@ from selfreplay.config import TrainConfig, config_to_yaml, load_config
 from selfreplay.data import CorpusMeta, write_corpus
 from selfreplay.trainer import Trainer, init_model
 
-METHODS = {
+METHODS = {  # "sampling" times the replay sampler alone
+    "sampling": [],
     "plain": [],
     "kl_real": ["replay.method=kl", "replay.source=prev"],
     "kl_self": ["replay.method=kl", "replay.source=self"],
@@ -81,11 +82,34 @@ def bench_step(method: str, overrides: list[str], steps: int = 20, warmup: int =
         return result
 
 
+def bench_sampling(overrides: list[str], rounds: int = 2) -> dict:
+    """Sampled tokens/s of the replay sampler: ``replay.buffer x replay.batch_size`` full-length sequences."""
+    from selfreplay.replay import SelfGeneratedReplay
+    from selfreplay.trainer import resolve_device, sampling_precision
+
+    cfg = load_config(TrainConfig, [], ["run_dir=x", "data.train=x", "stop.steps=1", *overrides])
+    device = resolve_device(cfg.device)
+    teacher = init_model(cfg.model, 0).to(device).eval().requires_grad_(False)
+    source = SelfGeneratedReplay(teacher, [0], cfg.replay.batch_size, buffer=cfg.replay.buffer, seed=0,
+                                 device=device, **sampling_precision(device, cfg.precision))
+    per_refill = cfg.replay.buffer * cfg.replay.batch_size * (cfg.model.context - 1)
+    for _ in range(cfg.replay.buffer):  # first refill: compilation / warm-up
+        source.next_batch()
+    source.sample_seconds = 0.0
+    for _ in range(rounds * cfg.replay.buffer):
+        source.next_batch()
+    return {"method": "sampling", "device": str(device), "sampled_tokens_per_s": rounds * per_refill /
+            source.sample_seconds, "sequences_per_refill": cfg.replay.buffer * cfg.replay.batch_size,
+            "context": cfg.model.context}
+
+
 def run_bench(methods: list[str], overrides: list[str], steps: int, warmup: int) -> list[dict]:
-    results = [bench_step(m, overrides, steps, warmup) for m in methods]
+    results = [bench_step(m, overrides, steps, warmup) for m in methods if m != "sampling"]
     plain = next((r["ms_per_step"] for r in results if r["method"] == "plain"), None)
     for r in results:
         r["relative_to_plain"] = r["ms_per_step"] / plain if plain else None
+    if "sampling" in methods:
+        results.append(bench_sampling(overrides))
     return results
 
 
@@ -93,6 +117,10 @@ def format_bench(results: list[dict]) -> str:
     head = f"{'method':<10} {'ms/step':>9} {'tokens/s':>11} {'x plain':>8} {'MFU':>6}"
     lines = [head, "-" * len(head)]
     for r in results:
+        if r["method"] == "sampling":
+            lines.append(f"sampling: {r['sampled_tokens_per_s']:,.0f} sampled tokens/s "
+                         f"({r['sequences_per_refill']} sequences x {r['context']} tokens per refill)")
+            continue
         mfu: Optional[float] = r.get("mfu")
         rel = r.get("relative_to_plain")
         lines.append(f"{r['method']:<10} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>11,.0f} "

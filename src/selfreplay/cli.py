@@ -207,8 +207,8 @@ def replay_stats_command(replay, teacher, real, max_sequences, device, json_out)
 # ---------------------------------------------------------------------------- speed
 @cli.command()
 @click.argument("overrides", nargs=-1)
-@click.option("--methods", default="plain,kl_real,kl_self", show_default=True,
-              help="comma-separated: plain, kl_real, kl_self")
+@click.option("--methods", default="plain,kl_real,kl_self,sampling", show_default=True,
+              help="comma-separated: plain, kl_real, kl_self, sampling (sampled tokens/s of the replay sampler)")
 @click.option("--steps", type=int, default=20, show_default=True, help="timed steps per method")
 @click.option("--warmup", type=int, default=5, show_default=True, help="untimed steps first (compilation)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also save results as JSON")

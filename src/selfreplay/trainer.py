@@ -53,6 +53,15 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
     return contextlib.nullcontext
 
 
+def sampling_precision(device: torch.device, precision: str) -> dict:
+    """Sampler settings: on CUDA, bf16 autocast and bf16 KL targets kept from sampling (the paper's
+    16x64x256x4096 buffer is 2 GiB), so the teacher is not run again; on CPU, fp32 targets kept while a buffer's
+    fit in 1 GiB (the sampler's default), else recomputed."""
+    if device.type != "cuda" or precision == "fp32":
+        return {}
+    return {"autocast_dtype": torch.bfloat16, "logprobs_dtype": torch.bfloat16, "max_logprobs_bytes": 8 << 30}
+
+
 def init_model(model_cfg, seed: int) -> GPT:
     """A freshly initialised GPT; the same (config, seed) always gives the same weights."""
     with torch.random.fork_rng(devices=[]):
@@ -214,20 +223,14 @@ class Trainer:
                 teacher, domains=domains, batch_size=rows, buffer=r.buffer, context=context,
                 temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                 eos_id=self._eos_id() if r.stop_at_eos else None, logprobs_top_k=r.logprobs_top_k,
-                seed=self.cfg.seed, device=self.device, return_logprobs=r.method == "kl", **self._sampling_precision())
+                seed=self.cfg.seed, device=self.device, return_logprobs=r.method == "kl",
+                **sampling_precision(self.device, self.cfg.precision))
         from selfreplay.replay import StoredReplay
 
         corpus = Corpus.open(r.source, vocab_size=self.cfg.model.vocab_size,
                              tokenizer_fingerprint=info["tokenizer_fingerprint"])
         info["replay"] = {"source": os.path.abspath(r.source)}
         return StoredReplay(corpus, batch_size=rows, context=context, seed=self.cfg.data.seed, shuffle=r.shuffle)
-
-    def _sampling_precision(self) -> dict:
-        """On CUDA: sample under bf16 autocast and keep bf16 KL targets (the paper's 16x64x256x4096 buffer is
-        2 GiB), so no teacher pass is needed; on CPU: fp32, kept while a buffer's targets fit in 1 GiB."""
-        if self.device.type != "cuda" or self.cfg.precision == "fp32":
-            return {}
-        return {"autocast_dtype": torch.bfloat16, "logprobs_dtype": torch.bfloat16, "max_logprobs_bytes": 8 << 30}
 
     def _teacher_domain(self, info: dict) -> int:
         spec = info.get("teacher_corpus")

@@ -19,19 +19,21 @@ def test_evaluate_matches_a_by_hand_computation():
     teacher = GPT(ModelConfig(d_model=32, n_layers=1, head_dim=16, context=8, vocab_size=20)).eval()
     batches = [torch.randint(0, 20, (3, 8)), torch.randint(0, 20, (2, 8))]
     got = evaluate(model, batches, teacher)
-    nll, nll_half, kl = [], [], []
+    nll, nll_half, kl, teacher_nll = [], [], [], []
     for tokens in batches:
         logp = torch.log_softmax(model(tokens).double(), -1).detach().numpy()
         t_logp = torch.log_softmax(teacher(tokens).double(), -1).detach().numpy()
         for b in range(tokens.shape[0]):
             for t in range(7):  # position t predicts token t+1 (labels shifted by one)
                 nll.append(-logp[b, t, tokens[b, t + 1]])
+                teacher_nll.append(-t_logp[b, t, tokens[b, t + 1]])
                 if t + 1 >= 4:
                     nll_half.append(nll[-1])
                 kl.append((np.exp(t_logp[b, t]) * (t_logp[b, t] - logp[b, t])).sum())
     assert got["loss"] == pytest.approx(np.mean(nll), rel=1e-5)
     assert got["loss_second_half"] == pytest.approx(np.mean(nll_half), rel=1e-5)
     assert got["kl"] == pytest.approx(np.mean(kl), rel=1e-4)
+    assert got["teacher_loss"] == pytest.approx(np.mean(teacher_nll), rel=1e-5)
 
 
 def test_parameter_drift_ratio():

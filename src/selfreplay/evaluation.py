@@ -53,9 +53,8 @@ def forgetting_report(checkpoints: list[str], corpora: list[str], teacher: Optio
             row = {"checkpoint": path, "corpus": corpus.meta.name or corpus_path, "loss": metrics["loss"],
                    "loss_second_half": metrics["loss_second_half"]}
             if teacher_model is not None:
-                base = evaluate(teacher_model, loader.valid_batches(batch_size, max_tokens), None, dev, autocast)
-                row.update(teacher=teacher_path, teacher_loss=base["loss"], delta=metrics["loss"] - base["loss"],
-                           kl=metrics["kl"])
+                row.update(teacher=teacher_path, teacher_loss=metrics["teacher_loss"],
+                           delta=metrics["loss"] - metrics["teacher_loss"], kl=metrics["kl"])
             rows.append(row)
     return rows
 

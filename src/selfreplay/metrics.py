@@ -21,9 +21,10 @@ from selfreplay.losses import token_divergence, token_nll
 @torch.no_grad()
 def evaluate(model: Callable, batches: Iterable[torch.Tensor], teacher: Optional[Callable] = None,
              device: torch.device | str = "cpu", autocast: Optional[Callable] = None) -> dict[str, float]:
-    """``loss``, ``loss_second_half`` and (with a teacher) ``kl`` averaged over every predicted position."""
+    """``loss``, ``loss_second_half`` and, with a teacher, ``kl`` and the teacher's own ``teacher_loss``,
+    averaged over every predicted position."""
     autocast = autocast or contextlib.nullcontext
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     count = count_half = 0
     for tokens in batches:
         tokens = tokens.to(device, non_blocking=True)
@@ -38,6 +39,7 @@ def evaluate(model: Callable, batches: Iterable[torch.Tensor], teacher: Optional
         if teacher_logits is not None:
             teacher_logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)
             sums[2] += token_divergence(logits, teacher_logprobs)[:, :-1].double().sum()
+            sums[3] += token_nll(teacher_logits, tokens).double().sum()
         count += nll.numel()
         count_half += second.numel()
     if count == 0:
@@ -46,6 +48,7 @@ def evaluate(model: Callable, batches: Iterable[torch.Tensor], teacher: Optional
     out = {"loss": sums[0] / count, "loss_second_half": sums[1] / count_half}
     if teacher is not None:
         out["kl"] = sums[2] / count
+        out["teacher_loss"] = sums[3] / count
     return out
 
 

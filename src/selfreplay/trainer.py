@@ -331,16 +331,15 @@ class Trainer:
         out: dict = {}
         valid = evaluate(self.student_fn, s.loader.valid_batches(cfg.eval.batch_size, cfg.eval.max_tokens),
                          teacher, self.device, self.autocast)
+        valid.pop("teacher_loss", None)
         out.update({f"valid_{k}": v for k, v in valid.items()})
         if s.prev_loader is not None:
             prev = evaluate(self.student_fn, s.prev_loader.valid_batches(cfg.eval.batch_size, cfg.eval.max_tokens),
                             teacher, self.device, self.autocast)
+            if self.state.prev_loss_before is None:  # the unmodified teacher's loss (the model's before training)
+                self.state.prev_loss_before = prev.get("teacher_loss", prev["loss"])
+            prev.pop("teacher_loss", None)
             out.update({f"prev_{k}": v for k, v in prev.items()})
-            if self.state.prev_loss_before is None:
-                base = prev if teacher is None else evaluate(
-                    teacher, s.prev_loader.valid_batches(cfg.eval.batch_size, cfg.eval.max_tokens), None,
-                    self.device, self.autocast)
-                self.state.prev_loss_before = base["loss"]
             out["forgetting"] = out["prev_loss"] - self.state.prev_loss_before
         out.update(parameter_norms(self.model, s.teacher, s.init_params))
         return out

@@ -12,7 +12,7 @@ from selfreplay.errors import SelfReplayError
 from selfreplay.tokenizer import (EOS_ID, EOS_TOKEN, N_RESERVED, domain_token_name, eos_id, iter_text,
                                   load_tokenizer, save_tokenizer, tokenizer_fingerprint, train_tokenizer)
 
-EN_XZ = Path("/work/shared/data/en.txt.xz")
+EN_XZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "en.txt.xz"  # ../shared beside the checkout
 
 LINES = [f"line {i}: the quick brown fox {'jumps' if i % 2 else 'sleeps'} over {i * 7 % 13} lazy dogs, año ñandú"
          for i in range(40)]

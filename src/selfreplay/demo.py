@@ -57,6 +57,7 @@ class DemoConfig:
     warmup_steps: int = 200  # restarted at every task, with the optimizer state
     steps_per_task: int = 2000
     first_task_steps: Optional[int] = None  # steps on the first task (None: steps_per_task)
+    first_task_lr: Optional[float] = None  # learning rate on the first task (None: lr)
     lr_schedule: str = "constant"  # constant (the paper) | cosine (to 0 at each task's end)
     eval_every: int = 20
     n_train: int = 65_536  # problems generated per task
@@ -104,8 +105,8 @@ def check_demo_config(cfg: DemoConfig) -> None:
         raise SelfReplayError(f"demo first_task_steps={cfg.first_task_steps}: must be positive")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise SelfReplayError(f"demo lr_schedule={cfg.lr_schedule!r}: expected constant or cosine")
-    if cfg.lr <= 0 or cfg.replay_temperature <= 0:
-        raise SelfReplayError("demo lr and replay_temperature must be positive")
+    if cfg.lr <= 0 or (cfg.first_task_lr is not None and cfg.first_task_lr <= 0) or cfg.replay_temperature <= 0:
+        raise SelfReplayError("demo lr, first_task_lr and replay_temperature must be positive")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -233,9 +234,10 @@ def task_steps(cfg: DemoConfig, n_tasks: int) -> list[int]:
     return [cfg.first_task_steps or cfg.steps_per_task] + [cfg.steps_per_task] * (n_tasks - 1)
 
 
-def learning_rate(cfg: DemoConfig, i: int, steps: int) -> float:
+def learning_rate(cfg: DemoConfig, task: int, i: int, steps: int) -> float:
     """Step i of a task: linear warmup, then constant (the paper) or cosine decay to 0 at the task's end."""
-    lr = cfg.lr * min(1.0, (i + 1) / cfg.warmup_steps)
+    peak = cfg.first_task_lr if task == 0 and cfg.first_task_lr else cfg.lr
+    lr = peak * min(1.0, (i + 1) / cfg.warmup_steps)
     return lr * 0.5 * (1.0 + math.cos(math.pi * i / steps)) if cfg.lr_schedule == "cosine" else lr
 
 
@@ -315,7 +317,7 @@ def train_sequential(cfg: DemoConfig, method: str = "none", source: str = "self"
         for i in range(steps[k]):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, i, steps[k])
+                group["lr"] = learning_rate(cfg, k, i, steps[k])
             rows = torch.randint(0, task.train.shape[0], (cfg.batch_size,), device=device, generator=data_gen)
             replay_tokens, teacher_logprobs = replay.next_batch() if replay is not None else (None, None)
             with autocast():

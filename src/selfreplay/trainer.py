@@ -17,8 +17,9 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -111,7 +112,6 @@ class Setup:
     total_steps: Optional[int]
     tokens_per_step: int
     replay_rows: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -402,10 +402,7 @@ class Trainer:
                    "prev_loss_before": st.prev_loss_before}
         info = {**s.info, "steps": st.step, "tokens": st.tokens}
         ckpt.save_run(self.run_dir, self.model, config_to_yaml(cfg), info, summary)
-        if (self.run_dir / ckpt.TRAIN_STATE).exists():
-            import shutil
-
-            shutil.rmtree(self.run_dir / ckpt.TRAIN_STATE)
+        shutil.rmtree(self.run_dir / ckpt.TRAIN_STATE, ignore_errors=True)
         return summary
 
     def _elapsed(self, tick: float) -> float:

@@ -228,6 +228,27 @@ def bench(overrides, methods, steps, warmup, json_out) -> None:
         atomic_write_json(json_out, results)
 
 
+# ---------------------------------------------------------------------------- the demo
+@cli.command()
+@click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
+              help="directory for demo.png, metrics.jsonl and the results table")
+@click.option("--full", is_flag=True, help="the paper's configuration (d_model 256, batch 2048, 2000 steps/task; GPU)")
+@click.option("--method", type=click.Choice(["ntp", "kl"]), default="ntp", show_default=True,
+              help="replay penalty of the 'with replay' run (the paper's toy uses ntp)")
+@click.option("--source", type=click.Choice(["self", "real"]), default="self", show_default=True,
+              help="replay data: the model's own samples or the real earlier tasks")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--steps-per-task", type=int, default=None, help="override the preset's steps per task")
+@click.option("--eval-every", type=int, default=None, help="override the preset's evaluation interval (steps)")
+def demo(out_dir, full, method, source, seed, device, steps_per_task, eval_every) -> None:
+    """Four arithmetic tasks learned one after another, without and with self-generated replay (paper §5.2)."""
+    from selfreplay.demo import run_demo
+
+    run_demo(out_dir, full=full, method=method, source=source, seed=seed, device=device,
+             steps_per_task=steps_per_task, eval_every=eval_every, echo=click.echo)
+
+
 # ---------------------------------------------------------------------------- commands from other modules
 
 

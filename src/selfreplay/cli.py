@@ -233,8 +233,9 @@ def bench(overrides, methods, steps, warmup, json_out) -> None:
 @click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
               help="directory for demo.png, metrics.jsonl and the results table")
 @click.option("--full", is_flag=True, help="the paper's configuration (d_model 256, batch 2048, 2000 steps/task; GPU)")
-@click.option("--method", type=click.Choice(["ntp", "kl"]), default="ntp", show_default=True,
-              help="replay penalty of the 'with replay' run (the paper's toy uses ntp)")
+@click.option("--method", type=click.Choice(["ntp", "kl"]), default=None,
+              help="replay penalty of the 'with replay' run (default: kl on the CPU preset, ntp with --full as the "
+                   "paper's toy)")
 @click.option("--source", type=click.Choice(["self", "real"]), default="self", show_default=True,
               help="replay data: the model's own samples or the real earlier tasks")
 @click.option("--seed", type=int, default=0, show_default=True)

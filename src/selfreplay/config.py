@@ -113,6 +113,16 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters for finetuning (merged into the weights before saving; see selfreplay.lora)."""
+
+    r: int = _f(0, "adapter rank (0 = off: full finetuning)")
+    alpha: float = _f(16.0, "adapter scale alpha (the update is B @ A * alpha / r)")
+    dropout: float = _f(0.0, "dropout on the adapter's input")
+    targets: list = _f(["qkv", "out", "up", "down"], "Linear layers to adapt (model.py: qkv, out, up, down, head)")
+
+
+@dataclass
 class LogConfig:
     """Where metrics go besides metrics.jsonl."""
 
@@ -139,6 +149,7 @@ class TrainConfig:
     stop: StopConfig = _sub(StopConfig, "stop criteria")
     replay: ReplayConfig = _sub(ReplayConfig, "forgetting penalty")
     eval: EvalConfig = _sub(EvalConfig, "evaluation")
+    lora: LoraConfig = _sub(LoraConfig, "low-rank adapters (finetuning only)")
     log: LogConfig = _sub(LogConfig, "logging")
 
 
@@ -171,7 +182,8 @@ def _register_nested(*classes: type) -> None:
         _NESTED[c.__name__] = c
 
 
-_register_nested(ModelConfig, DataConfig, OptimConfig, StopConfig, ReplayConfig, EvalConfig, LogConfig)
+_register_nested(ModelConfig, DataConfig, OptimConfig, StopConfig, ReplayConfig, EvalConfig, LoraConfig,
+                 LogConfig)
 
 
 def load_config(cls: type[C], files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = (),
@@ -280,5 +292,9 @@ def validate_train_config(cfg: TrainConfig, finetune: bool) -> None:
         raise SelfReplayError(f"replay.batch_size={r.batch_size}: must be positive")
     if r.temperature <= 0:
         raise SelfReplayError(f"replay.temperature={r.temperature}: must be positive")
+    if cfg.lora.r < 0:
+        raise SelfReplayError(f"lora.r={cfg.lora.r}: must be >= 0 (0 = off)")
+    if cfg.lora.r > 0 and not finetune:
+        raise SelfReplayError("lora.r > 0: adapters are for finetuning; use `selfreplay finetune` with init_from")
     if finetune and not cfg.init_from:
         raise SelfReplayError("init_from: finetuning needs a checkpoint run directory")

@@ -119,3 +119,106 @@ def topk_logprobs(logprobs: torch.Tensor, k: int) -> TopKLogprobs:
     """Keep the k largest log-probs per position."""
     values, indices = logprobs.topk(k, dim=-1)
     return TopKLogprobs(values, indices)
+
+
+# --- Bounded-memory losses from hidden states -------------------------------------------------------------------
+# With a large vocabulary (e.g. 128k) the [B, T, V] float32 logits of student and teacher dominate memory. The
+# functions below take final hidden states and the output head instead, and compute the loss `chunk_size` positions
+# at a time; each chunk runs under activation checkpointing, so backward recomputes that chunk's logits rather than
+# keeping them. Peak extra memory is O(chunk_size · V); values and gradients equal the full-logit functions above.
+
+def _selected_positions(tokens: torch.Tensor, loss_mask: Optional[torch.Tensor], device):
+    """Flat indices into the B·(T-1) predicting positions that count, their weights, and the weight total."""
+    weights = position_weights(tokens.shape, loss_mask, device).reshape(-1)
+    rows = weights.nonzero().squeeze(-1)
+    return rows, weights[rows], weights.sum().clamp_min(1.0)
+
+
+def _rows_of(x: torch.Tensor, flat_rows: torch.Tensor, shift: int = 0) -> torch.Tensor:
+    """x[b, t + shift] [N, ...] for the predicting positions (b, t) numbered ``flat_rows`` in 0..B·(T-1)-1,
+    gathered without copying the rest of x (shift=1 gives the target tokens)."""
+    flat_rows = flat_rows.to(x.device)
+    per_row = x.shape[1] - 1
+    return x[flat_rows // per_row, flat_rows % per_row + shift]
+
+
+def _chunks(rows: torch.Tensor, weights: torch.Tensor, chunk_size: int):
+    """(rows, weights) pieces of at most ``chunk_size`` positions."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return zip(rows.split(chunk_size), weights.split(chunk_size))
+
+
+def _total(chunk_losses: list, hidden: torch.Tensor, weight_total: torch.Tensor) -> torch.Tensor:
+    """Sum of the chunks' weighted losses over the weight total; a graph-connected 0 when no position counts."""
+    if not chunk_losses:
+        return hidden.sum().float() * 0.0
+    return torch.stack(chunk_losses).sum() / weight_total
+
+
+def chunked_next_token_loss(hidden: torch.Tensor, head, tokens: torch.Tensor,
+                            loss_mask: Optional[torch.Tensor] = None, chunk_size: int = 1024) -> torch.Tensor:
+    """:func:`next_token_loss` from final hidden states [B, T, D] and ``head`` ([N, D] -> [N, V] logits).
+
+    Only ``chunk_size`` positions' logits exist at any time, in the forward and in the backward pass.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    rows, weights, total = _selected_positions(tokens, loss_mask, hidden.device)
+
+    def chunk_loss(h: torch.Tensor, chunk_targets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        nll = F.cross_entropy(head(h).float(), chunk_targets, reduction="none")
+        return (nll * w).sum()
+
+    losses = []
+    for chunk_rows, chunk_weights in _chunks(rows, weights, chunk_size):
+        chunk_targets = _rows_of(tokens, chunk_rows, shift=1).to(hidden.device)
+        losses.append(checkpoint(chunk_loss, _rows_of(hidden, chunk_rows), chunk_targets, chunk_weights,
+                                 use_reentrant=False))
+    return _total(losses, hidden, total)
+
+
+def chunked_divergence_loss(hidden: torch.Tensor, head, tokens: torch.Tensor,
+                            teacher_hidden: Optional[torch.Tensor] = None, teacher_head=None,
+                            teacher_logprobs: Optional[TeacherTargets] = None,
+                            loss_mask: Optional[torch.Tensor] = None, divergence: str = "forward_kl",
+                            jsd_beta: float = 0.5, chunk_size: int = 1024) -> torch.Tensor:
+    """:func:`divergence_loss` from hidden states, ``chunk_size`` positions at a time.
+
+    The teacher is either ``teacher_hidden`` [B, T, D] + ``teacher_head`` (run without gradient, chunk by chunk)
+    or precomputed ``teacher_logprobs`` (full [B, T, V] log-probs or :class:`TopKLogprobs`).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    from_hidden = teacher_hidden is not None and teacher_head is not None
+    if from_hidden == (teacher_logprobs is not None):
+        raise ValueError("give either teacher_hidden and teacher_head, or teacher_logprobs")
+    if isinstance(teacher_logprobs, TopKLogprobs) and divergence != "forward_kl":
+        raise ValueError("top-k teacher log-probs support only forward_kl")
+
+    rows, weights, total = _selected_positions(tokens, loss_mask, hidden.device)
+
+    def chunk_loss(h: torch.Tensor, teacher_chunk, w: torch.Tensor) -> torch.Tensor:
+        if from_hidden:
+            with torch.no_grad():
+                teacher = F.log_softmax(teacher_head(teacher_chunk).float(), dim=-1).to(h.device)
+        elif isinstance(teacher_chunk, tuple):
+            teacher = TopKLogprobs(*teacher_chunk)
+        else:
+            teacher = teacher_chunk
+        return (token_divergence(head(h), teacher, divergence, jsd_beta) * w).sum()
+
+    losses = []
+    for chunk_rows, chunk_weights in _chunks(rows, weights, chunk_size):
+        if from_hidden:  # stays on the teacher's device; its log-probs move to the student's
+            teacher_chunk = _rows_of(teacher_hidden.detach(), chunk_rows)
+        elif isinstance(teacher_logprobs, TopKLogprobs):
+            teacher_chunk = (_rows_of(teacher_logprobs.values.detach(), chunk_rows).to(hidden.device),
+                             _rows_of(teacher_logprobs.indices, chunk_rows).to(hidden.device))
+        else:
+            teacher_chunk = _rows_of(teacher_logprobs.detach(), chunk_rows).to(hidden.device)
+        losses.append(checkpoint(chunk_loss, _rows_of(hidden, chunk_rows), teacher_chunk, chunk_weights,
+                                 use_reentrant=False))
+    return _total(losses, hidden, total)

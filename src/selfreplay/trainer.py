@@ -162,6 +162,11 @@ class Trainer:
             fingerprint, init_seed = None, cfg.seed
             info.update(init_seed=cfg.seed)
         model = model.to(self.device)
+        if cfg.lora.r > 0:  # adapters only: the base weights freeze (merged back before saving)
+            from selfreplay.lora import apply_lora
+
+            info["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "merged": True, "layers": apply_lora(
+                model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, seed=cfg.seed)}
         context, vocab = cfg.model.context, cfg.model.vocab_size
 
         corpus = Corpus.open(cfg.data.train, vocab_size=vocab, tokenizer_fingerprint=fingerprint)
@@ -345,7 +350,12 @@ class Trainer:
             prev.pop("teacher_loss", None)
             out.update({f"prev_{k}": v for k, v in prev.items()})
             out["forgetting"] = out["prev_loss"] - self.state.prev_loss_before
-        out.update(parameter_norms(self.model, s.teacher, s.init_params))
+        weights = self.model
+        if cfg.lora.r > 0:  # norms and drift of the merged weights, under the base names
+            from selfreplay.lora import MergedView
+
+            weights = MergedView(self.model)
+        out.update(parameter_norms(weights, s.teacher, s.init_params))
         return out
 
     # ---------------------------------------------------------------- the loop
@@ -405,6 +415,10 @@ class Trainer:
                    "train_time": st.train_time, "best_valid_loss": st.best_valid,
                    "prev_loss_before": st.prev_loss_before}
         info = {**s.info, "steps": st.step, "tokens": st.tokens}
+        if cfg.lora.r > 0:  # the checkpoint stays a plain GPT
+            from selfreplay.lora import merge_lora
+
+            merge_lora(self.model)
         ckpt.save_run(self.run_dir, self.model, config_to_yaml(cfg), info, summary)
         shutil.rmtree(self.run_dir / ckpt.TRAIN_STATE, ignore_errors=True)
         return summary

@@ -122,7 +122,8 @@ def method_comparison_report(exp: Experiment) -> str:
         rel = p["forgetting"] / p["plain_same"] if p["plain_same"] and p["forgetting"] is not None else None
         prel = paper[method] / p_plain if method in paper and p_plain else None
         out_rows.append([method, p["start"], p["prev_loss"], p["forgetting"], p["plain_same"], rel,
-                         paper.get(method), prel, p["valid_loss"], "yes" if p["reached"] else "no", p["tokens"],
+                         paper.get(method), prel, p["valid_loss"], "yes" if p["reached"] else "no",
+                         round(p["tokens"] or 0),
                          p["train_time"]])
     text = [f"method comparison ({exp.scale}): English loss when Spanish reaches {_fmt(target)} — "
             f"{_status_line(rows)}",
@@ -173,7 +174,7 @@ def high_lr_report(exp: Experiment) -> str:
     for stage, pts in series.items():
         for x, p in sorted(pts, key=lambda xp: -xp[0] if stage == "lower_lr" else xp[0]):
             label = f"lr {x:g}, no replay" if stage == "lower_lr" else f"lr {rows_lr(rows, 'replay'):g}, replay {x:g}"
-            out_rows.append([label, p["prev_loss"], p["forgetting"], p["train_time"], p["tokens"],
+            out_rows.append([label, p["prev_loss"], p["forgetting"], p["train_time"], round(p["tokens"] or 0),
                              "yes" if p["reached"] else "no"])
     text = [f"high LR + replay ({exp.scale}): finetuning to Spanish {_fmt(target)} — {_status_line(rows)}",
             table(["run", "English at target", "forgetting", "train s to target", "tokens to target", "reached"],
@@ -258,13 +259,12 @@ def _slice_report(exp: Experiment, title: str, label: str, key: Callable[[dict],
                   direction: str, increasing: bool) -> str:
     groups = sorted(_best_by_group(exp, key), key=lambda g: g["label"])
     paper = exp.paper.get(paper_key, {})
-    rows = [[g["label"], g["params"], g["start"], g["best"], g["forgetting"], f"{g['reached']}/{g['runs']}",
-             (paper.get(g["label"]) or {}).get("forgetting") if isinstance(paper.get(g["label"]), dict) else None]
+    rows = [[g["label"], g["params"], g["start"], g["best"], g["forgetting"], f"{g['reached']}/{g['runs']}"]
             for g in groups]
     rows_all, _ = _results(exp)
     text = [f"{title} ({exp.scale}): best English loss among KL-coefficient runs reaching Spanish "
             f"{_fmt(groups[0]['target'] if groups else None)} — {_status_line(rows_all)}",
-            table([label, "params", "English before", "best after FT", "forgetting", "reached target", ""],
+            table([label, "params", "English before", "best after FT", "forgetting", "reached target"],
                   rows)]
     if paper:
         text += ["paper:", table([label, "English before", "best after FT", "forgetting"],
@@ -330,7 +330,8 @@ def learning_rate_report(exp: Experiment) -> str:
         up = by_key.get(r["upstream"], {})
         lr = float(r["cfg.optim.lr"])
         out_rows.append([up.get("cfg.optim.lr"), lr, r.get("grid.variant"), p["start"], p["prev_loss"],
-                         p["forgetting"], p["step"], lr * p["step"] if p["step"] else None,
+                         p["forgetting"], round(p["step"]) if p["step"] is not None else None,
+                         lr * p["step"] if p["step"] else None,
                          "yes" if p["reached"] else "no"])
     out_rows.sort(key=lambda x: (x[2] or "", x[0] or 0, x[1]))
     text = [f"learning rates ({exp.scale}): English loss at Spanish {_fmt(target)} — {_status_line(rows)}",

@@ -36,7 +36,9 @@ run's prefixed by its upstream run's name and ``--``. Decisions:
   ``train_state/`` is *interrupted* and resumed. Anything else starts afresh.
 * Jobs run in ``spawn``-ed worker processes, each with ``threads`` torch/OMP threads (default 1: small models
   are fastest that way, one per core). A job starts when its upstream run has finished; a failed job is
-  recorded, its dependents are skipped, the rest continue, and the sweep returns the failures.
+  recorded, its dependents are skipped, the rest continue, and the sweep returns the failures. A worker holds
+  ``<run_dir>/.sweep.lock`` (its pid) while training, so two sweeps of one experiment never train a run twice.
+* ``--workers 1`` still uses one worker process; ``in_process=True`` (tests) trains in the calling process.
 * ``results.csv``: one row per run (stage, run, status, variant and grid values, the upstream run's values as
   ``from.<key>``, the full flattened config as ``cfg.<key>``, the final summary metrics);
   ``results_trajectories.csv``: every metrics.jsonl record of every run. Both written atomically.

@@ -1,5 +1,8 @@
-"""Shared fixtures: two tiny synthetic "languages" as tokenized corpora, and tiny-model run configs."""
+"""Shared fixtures: two tiny synthetic "languages" as tokenized corpora, tiny-model run configs, tiny Hugging
+Face model directories, and an in-process CLI runner."""
 
+import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +76,44 @@ def pretrained(corpora, tmp_path_factory) -> str:
     run_dir = tmp_path_factory.mktemp("runs") / "pretrain"
     train(load_config(TrainConfig, [], tiny_overrides(run_dir, corpora["en"], **{"stop.steps": 150})))
     return str(run_dir)
+
+
+def run_cli(argv, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from selfreplay.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_chat_jsonl(path, n=160, seed=0):
+    """Synthetic chats: 'add a and b' -> 'the answer is a+b' (only the replies are targets)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                                             {"role": "assistant", "content": f"the answer is {a + b}"}]}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_files(tmp_path_factory):
+    """(test_hf_trainer, test_distributed) Local model directories (tiny Llama and Qwen2 + tokenizer, saved with save_pretrained) and chat data."""
+    from hf_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("hf")
+    tok = tiny_tokenizer()
+    for name, build in (("llama", tiny_llama), ("qwen2", tiny_qwen2)):
+        build(len(tok), seed=0).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    text = root / "old.jsonl"  # "previous distribution" plain text for real-data replay
+    text.write_text("".join(json.dumps({"text": f"Once upon a time there was a model number {i}."}) + "\n"
+                            for i in range(40)))
+    return {"llama": str(root / "llama"), "qwen2": str(root / "qwen2"), "chat": write_chat_jsonl(root / "chat.jsonl"),
+            "text": str(text)}

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import run_cli as run
 from selfreplay.cli import main
 
 WORDS = {"en": "the of and to a in that it was he for on with as his at by had".split(),
@@ -18,17 +19,6 @@ def write_text(path, lang, lines=1500, seed=0):
     words = WORDS[lang]
     path.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(5, 15))) for _ in range(lines)) + "\n")
     return str(path)
-
-
-def run(argv, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.head_dim=16", "model.context=16", "model.vocab_size=320",

@@ -16,7 +16,7 @@ from selfreplay.errors import SelfReplayError
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from test_hf_trainer import hf_files, tiny_args  # noqa: E402,F401  (hf_files is a fixture)
+from test_hf_trainer import tiny_args  # noqa: E402
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 180) -> str:

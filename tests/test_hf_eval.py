@@ -1,6 +1,7 @@
 """`selfreplay eval --model`: loss, accuracy and KL on data files, multiple choice, for Hugging Face models."""
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -8,9 +9,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+from conftest import run_cli as run  # noqa: E402
 from hf_fixtures import tiny_llama, tiny_tokenizer  # noqa: E402
 
-from selfreplay.cli import main  # noqa: E402
 from selfreplay.hf_data import prepare_hf_data  # noqa: E402
 from selfreplay.hf_eval import evaluate_hf, score_rows  # noqa: E402
 from selfreplay.hf_model import Teacher  # noqa: E402
@@ -84,16 +85,6 @@ def test_multiple_choice_rows(files):
     assert plain["format"] == "plain"
 
 
-def run(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_cli_eval_model_against_teacher(files, tmp_path, capsys):
     d = files["dir"]
     out_json = tmp_path / "report.json"
@@ -126,7 +117,7 @@ def test_cli_eval_model_needs_something_to_evaluate_and_lm_eval_installed(files,
     code, _, err = run(["eval", "--model", str(d / "student"), "--device", "cpu"], capsys)
     assert code == 2 and "nothing to evaluate" in err
     try:
-        import lm_eval  # noqa: F401
+        importlib.import_module("lm_eval")
     except ImportError:
         code, _, err = run(["eval", "--model", str(d / "student"), "--device", "cpu", "--lm-eval", "arc_easy"],
                            capsys)

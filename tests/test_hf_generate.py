@@ -6,10 +6,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import one_line_error  # noqa: E402
+from conftest import one_line_error, run_cli as run  # noqa: E402
 from hf_fixtures import tiny_llama, tiny_tokenizer  # noqa: E402
 
-from selfreplay.cli import main  # noqa: E402
 from selfreplay.errors import SelfReplayError  # noqa: E402
 from selfreplay.hf_generate import (generate_hf_replay_corpus, is_replay_corpus, load_replay_corpus,  # noqa: E402
                                     load_replay_rows)
@@ -33,16 +32,6 @@ def model_dir(tmp_path_factory, tok, model):
     model.save_pretrained(str(d))
     tok.save_pretrained(str(d))
     return str(d)
-
-
-def run(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_rows_are_the_trainers_replay_stream(tmp_path, tok, model):

@@ -1,7 +1,6 @@
 """Finetuning Hugging Face models end to end on CPU: LoRA and full finetuning with KL self-generated replay."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -13,34 +12,8 @@ from selfreplay.errors import SelfReplayError
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from hf_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: E402
+from hf_fixtures import tiny_qwen2  # noqa: E402
 from selfreplay.hf_trainer import HFTrainConfig, HFTrainer, validate_hf_config  # noqa: E402
-
-
-def write_chat_jsonl(path, n=160, seed=0):
-    """Synthetic chats: 'add a and b' -> 'the answer is a+b' (only the replies are targets)."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"add {a} and {b}"},
-                                             {"role": "assistant", "content": f"the answer is {a + b}"}]}) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def hf_files(tmp_path_factory):
-    """Local model directories (tiny Llama and Qwen2 + tokenizer, saved with save_pretrained) and chat data."""
-    root = tmp_path_factory.mktemp("hf")
-    tok = tiny_tokenizer()
-    for name, build in (("llama", tiny_llama), ("qwen2", tiny_qwen2)):
-        build(len(tok), seed=0).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    text = root / "old.jsonl"  # "previous distribution" plain text for real-data replay
-    text.write_text("".join(json.dumps({"text": f"Once upon a time there was a model number {i}."}) + "\n"
-                            for i in range(40)))
-    return {"llama": str(root / "llama"), "qwen2": str(root / "qwen2"), "chat": write_chat_jsonl(root / "chat.jsonl"),
-            "text": str(text)}
 
 
 def tiny_args(model, data, run_dir, **extra) -> list[str]:
@@ -73,26 +46,31 @@ def valid_loss_of(model, hf_files, tok):
     return total / count
 
 
-def test_cli_llama_lora_kl_self_replay(hf_files, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_cli_finetunes_with_kl_self_replay_and_saves_a_loadable_model(hf_files, tmp_path, arch, lora):
     from transformers import AutoModelForCausalLM
 
     from selfreplay.cli import main
     from selfreplay.hf_model import load_tokenizer
 
-    run_dir = tmp_path / "lora"
-    lora = {"lora.r": 4, "lora.alpha": 16, "optim.lr": 2e-2}
-    main(["finetune", *tiny_args(hf_files["llama"], hf_files["chat"], run_dir, **lora)])
+    run_dir = tmp_path / "run"
+    extra = {"lora.r": 4, "lora.alpha": 16, "optim.lr": 2e-2} if lora else {}
+    main(["finetune", *tiny_args(hf_files[arch], hf_files["chat"], run_dir, **extra)])
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 4, 8]
-    assert records[0]["valid_kl"] == 0.0  # adapters start as a no-op: student == teacher
+    assert records[0]["valid_kl"] == pytest.approx(0.0, abs=1e-6)  # student == teacher before training
     assert records[-1]["valid_loss"] < records[0]["valid_loss"] - 0.3
     assert records[-1]["train_ntp"] < records[1]["train_ntp"]
     assert 0 < records[-1]["train_replay"] < 1.0 and records[-1]["valid_kl"] > 0
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["lora"] and info["trainable_params"] < info["params"] / 2 and "git_commit" in info
-    loaded = AutoModelForCausalLM.from_pretrained(run_dir / "model")  # merged: plain transformers loads it
+    assert info["lora"] == lora and "git_commit" in info
+    assert (info["trainable_params"] < info["params"] / 2) if lora else info["trainable_params"] == info["params"]
+    loaded = AutoModelForCausalLM.from_pretrained(run_dir / "model")  # LoRA merged: plain transformers loads it
+    assert type(loaded).__name__.lower().startswith(arch)
     summary = json.loads((run_dir / "summary.json").read_text())
     tok = load_tokenizer(str(run_dir / "model"))
+    # the saved weights give exactly the trained model's final validation loss
     assert valid_loss_of(loaded, hf_files, tok) == pytest.approx(summary["valid_loss"], rel=1e-4)
 
 
@@ -122,6 +100,66 @@ def test_qwen2_full_finetuning_kl_self_replay_saves_the_trained_model(hf_files, 
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
+def write_mcq_jsonl(path):
+    """Questions whose choices the tiny tokenizer knows (answers as index or letter)."""
+    questions = [("What is the capital of France?", ["Paris", "Rome", "Madrid", "Berlin"], 0),
+                 ("Which animal barks?", ["cat", "dog", "fish", "bird"], "B"),
+                 ("What colour is the sky?", ["green", "red", "blue", "yellow"], 2),
+                 ("How many legs does a spider have?", ["six", "four", "ten", "eight"], "D"),
+                 ("Which one is a fruit?", ["apple", "stone", "chair", "sand", "none"], 0)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in questions))
+    return str(path)
+
+
+def masked_nll(model, rows):
+    """Mean NLL of a model over every target token of PackedRows, from its full logits."""
+    with torch.no_grad():
+        logits = model(input_ids=rows.input_ids).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows.input_ids[:, 1:].reshape(-1),
+                                            reduction="none")
+    mask = rows.loss_mask[:, 1:].reshape(-1).float()
+    return ((nll * mask).sum() / mask.sum()).item()
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora_kl", "full_no_replay"])
+def test_evaluations_track_forgetting_and_benchmarks(hf_files, tmp_path, lora):
+    from transformers import AutoModelForCausalLM
+
+    from selfreplay.hf_data import prepare_hf_data
+    from selfreplay.hf_model import load_tokenizer
+    from selfreplay.hf_trainer import train_hf
+    from selfreplay.multiple_choice import load_questions, multiple_choice_accuracy
+
+    mcq = [write_mcq_jsonl(tmp_path / "a" / "quiz.jsonl"), write_mcq_jsonl(tmp_path / "b" / "quiz.jsonl")]
+    extra = {"lora.r": 4, "lora.alpha": 16, "optim.lr": 2e-2} if lora else {"replay.method": "none"}
+    run_dir = tmp_path / "run"
+    train_hf(load_config(HFTrainConfig, [], tiny_args(hf_files["llama"], hf_files["chat"], run_dir, **extra, **{
+        "eval.prev": hf_files["text"], "eval.mcq": f"[{mcq[0]},{mcq[1]}]"})))
+    records = read_metrics(run_dir)
+    tok = load_tokenizer(hf_files["llama"])
+    prev = prepare_hf_data(hf_files["text"], tok, 32)
+    start = AutoModelForCausalLM.from_pretrained(hf_files["llama"])
+    questions = load_questions(mcq[0])
+    first, last = records[0], records[-1]
+    assert first["prev_loss"] == pytest.approx(masked_nll(start, prev), rel=1e-5)
+    assert first["forgetting"] == pytest.approx(0.0, abs=1e-6)
+    if lora:
+        assert first["prev_kl"] == pytest.approx(0.0, abs=1e-6) and last["prev_kl"] > 0
+    else:
+        assert "prev_kl" not in first  # no teacher in memory: the step-0 loss is the teacher's
+    for r in records:
+        assert r["prev_teacher_loss"] == pytest.approx(first["prev_loss"], rel=1e-5)
+        assert r["forgetting"] == pytest.approx(r["prev_loss"] - r["prev_teacher_loss"], abs=1e-9)
+    assert last["forgetting"] != 0
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert last["prev_loss"] == pytest.approx(masked_nll(final, prev), rel=1e-4)
+    for record, model in ((first, start), (last, final)):  # chat format: the tokenizer has a template
+        expected = multiple_choice_accuracy(model, tok, questions, chat=True)["accuracy"]
+        assert record["mcq_quiz_accuracy"] == record["mcq_quiz_2_accuracy"] == pytest.approx(expected)
+        assert record["mcq_average_accuracy"] == pytest.approx(expected)
+
+
 def test_gradient_accumulation_matches_one_big_batch(hf_files, tmp_path):
     def first_steps(accum: int):
         cfg = load_config(HFTrainConfig, [], tiny_args(
@@ -143,7 +181,7 @@ def test_config_is_described_and_checked(hf_files, tmp_path):
     one_line_error(e, "lora.rank", "lora.r")
     bad = {"batch_size=6": "gradient_accumulation_steps", "replay.method=kl_downstream": "replay.method",
            "replay.prompt=system": "replay.prompt", "distributed.strategy=zero3": "distributed.strategy",
-           "stop.steps=null": "stop"}
+           "stop.steps=null": "stop", "eval.mcq_format=html": "eval.mcq_format"}
     for override, word in bad.items():
         cfg = load_config(HFTrainConfig, [], tiny_args(hf_files["llama"], hf_files["chat"], tmp_path,
                                                        gradient_accumulation_steps=4) + [override])

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -149,11 +149,20 @@ def save_run(run_dir: str | Path, model: torch.nn.Module, config_yaml: str, info
 
 def save_train_state(run_dir: str | Path, model: torch.nn.Module, state: dict) -> None:
     """Replace ``run_dir/train_state`` by a new one as a whole: built in a temp dir, then swapped in."""
+    def fill(tmp: Path) -> None:
+        save_weights(model, tmp / WEIGHTS)
+        torch.save(state, tmp / "state.pt")
+
+    replace_train_state(run_dir, fill)
+
+
+def replace_train_state(run_dir: str | Path, fill: Callable[[Path], None]) -> None:
+    """Swap in a new ``run_dir/train_state``: ``fill(tmp)`` writes it into a temp dir, which then replaces the old
+    one by renames (an interrupted save leaves the old one or ``.train_state.old``, never a half-written one)."""
     run_dir = Path(run_dir)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".train_state."))
     try:
-        save_weights(model, tmp / WEIGHTS)
-        torch.save(state, tmp / "state.pt")
+        fill(tmp)
         final = run_dir / TRAIN_STATE
         old = run_dir / ".train_state.old"
         if final.exists():

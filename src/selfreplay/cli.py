@@ -351,6 +351,41 @@ def bench(overrides, methods, steps, warmup, json_out) -> None:
         atomic_write_json(json_out, results)
 
 
+@cli.command("bench-hf")
+@click.argument("model")
+@click.argument("overrides", nargs=-1)
+@click.option("--kinds", default="plain,kl_real,kl_self", show_default=True,
+              help="comma-separated step kinds: plain, kl_real (KL on stored rows), kl_self (KL on sampled rows)")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="data rows per step")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="tokens per row (replay rows too)")
+@click.option("--replay-rows", type=int, default=4, show_default=True, help="replay rows per step")
+@click.option("--lora-r", type=int, default=0, show_default=True, help="LoRA rank (0: full finetuning)")
+@click.option("--chunk-size", type=int, default=1024, show_default=True,
+              help="positions whose logits are computed at once (loss_chunk_size)")
+@click.option("--steps", type=int, default=5, show_default=True, help="timed steps per kind")
+@click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-isolate", is_flag=True, help="run every kind in this process (peaks are then less clean)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also save results as JSON")
+def bench_hf(model, overrides, kinds, batch_size, seq_len, replay_rows, lora_r, chunk_size, steps, warmup, device,
+             no_isolate, json_out) -> None:
+    """Tokens/s and peak memory of a Hugging Face finetuning step: plain vs KL replay (real, self-generated).
+
+    MODEL is a hub id, a local directory, or a random-weight architecture: llama-tiny, llama-small (hidden 256,
+    4 layers, 128k vocabulary), llama-1b (Llama-3.2-1B's shape). OVERRIDES are further finetuning options
+    (key=value, e.g. gradient_checkpointing=true replay.max_logprobs_gib=0)."""
+    from selfreplay.hf_bench import format_hf_bench, run_hf_bench
+
+    chosen = [k.strip() for k in kinds.split(",") if k.strip()]
+    results = run_hf_bench(model, chosen, batch_size, seq_len, replay_rows, lora_r, chunk_size, steps, warmup,
+                           device, isolate=not no_isolate, overrides=list(overrides))
+    click.echo(format_hf_bench(results))
+    if json_out:
+        from selfreplay.checkpoint import atomic_write_json
+
+        atomic_write_json(json_out, results)
+
+
 # ---------------------------------------------------------------------------- the demo
 @cli.command()
 @click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),

@@ -64,10 +64,16 @@ def format_report(rows: list[dict]) -> str:
     columns = [("checkpoint", "checkpoint"), ("corpus", "corpus"), ("loss", "loss"),
                ("loss_second_half", "loss 2nd half"), ("teacher_loss", "teacher loss"), ("delta", "delta"),
                ("kl", "KL(teacher||model)")]
+    return text_table(rows, columns)
+
+
+def text_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """``rows`` as an aligned plain-text table of ``columns`` (key, header), leaving out columns no row has.
+
+    Floats get 4 decimals (``delta`` signed); missing values are ``-``.
+    """
     columns = [(k, h) for k, h in columns if any(k in r for r in rows)]
-    cells = [[h for _, h in columns]]
-    for r in rows:
-        cells.append([_cell(r.get(k), signed=k == "delta") for k, _ in columns])
+    cells = [[h for _, h in columns]] + [[_cell(r.get(k), signed=k == "delta") for k, _ in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

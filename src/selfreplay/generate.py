@@ -73,6 +73,53 @@ def _load_chunk(path: Path) -> dict[str, np.ndarray]:
         raise SelfReplayError(f"{path}: corrupt chunk ({str(e).splitlines()[0]}); delete it to resample it") from None
 
 
+def run_chunked_job(out: Path, settings: dict, num_sequences: int, chunk_rows: int, make_chunk,
+                    resume: bool = True, progress: bool = True, no_resume_hint: str = "resume=False"
+                    ) -> tuple[Path, int]:
+    """Write ``num_sequences`` rows as chunks of ``chunk_rows`` into ``<out>.partial/``, resumably.
+
+    ``settings`` (saved there as job.json) must match an interrupted run's to continue it; ``resume=False``
+    discards that run instead. ``make_chunk(i, n)`` returns chunk i's arrays (n rows); chunks already on disk are
+    skipped. Returns (the work directory, the number of chunks).
+    """
+    work = out.with_name(out.name + ".partial")
+    job = work / JOB_FILE
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    if work.exists():
+        try:
+            saved = json.loads(job.read_text(encoding="utf-8")) if job.is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            saved = None
+        if saved != settings:
+            changed = [key for key in settings if saved is None or saved.get(key) != settings[key]]
+            raise SelfReplayError(f"generate: {work} holds an interrupted run with other settings "
+                                  f"({', '.join(changed)}); delete it or pass {no_resume_hint}")
+    else:
+        work.mkdir(parents=True)
+        atomic_write_json(job, settings)
+
+    num_chunks = math.ceil(num_sequences / chunk_rows)
+    rows_of = [min(chunk_rows, num_sequences - i * chunk_rows) for i in range(num_chunks)]
+    done = sum(rows_of[i] for i in range(num_chunks) if _chunk_path(work, i).is_file())
+    with tqdm(total=num_sequences, initial=done, unit="seq", desc=f"generate {out.name}",
+              disable=not progress) as bar:
+        for i in range(num_chunks):
+            if _chunk_path(work, i).is_file():
+                continue
+            _save_chunk(_chunk_path(work, i), make_chunk(i, rows_of[i]))
+            bar.update(rows_of[i])
+    return work, num_chunks
+
+
+def publish_corpus(staging: Path, out: Path, work: Path) -> None:
+    """Rename the finished ``staging`` directory to ``out`` (never over an existing one), then drop ``work``."""
+    if out.exists():
+        raise SelfReplayError(f"generate: {out} appeared while generating; not overwriting it (chunks kept in {work})")
+    os.replace(staging, out)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def generate_replay_corpus(model, out_dir: PathLike, num_sequences: int, domains: Sequence[int],
                            context: Optional[int] = None, batch_size: int = 256, temperature: float = 1.0,
                            top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
@@ -134,47 +181,25 @@ def generate_replay_corpus(model, out_dir: PathLike, num_sequences: int, domains
         "teacher_sha256": weights_fingerprint(model), "teacher": source,
     }
 
-    work = out.with_name(out.name + ".partial")
-    job = work / JOB_FILE
-    if work.exists() and not resume:
-        shutil.rmtree(work)
-    if work.exists():
-        try:
-            saved = json.loads(job.read_text(encoding="utf-8")) if job.is_file() else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            saved = None
-        if saved != settings:
-            changed = [key for key in settings if saved is None or saved.get(key) != settings[key]]
-            raise SelfReplayError(f"generate: {work} holds an interrupted run with other settings "
-                                  f"({', '.join(changed)}); delete it or pass resume=False")
-    else:
-        work.mkdir(parents=True)
-        atomic_write_json(job, settings)
-
     tok_dtype = np.dtype(token_dtype(vocab_size))
     torch_lp, np_lp = LOGPROB_DTYPES[logprobs_dtype]
-    num_chunks = math.ceil(num_sequences / chunk_rows)
-    rows_of = [min(chunk_rows, num_sequences - i * chunk_rows) for i in range(num_chunks)]
-    done = [i for i in range(num_chunks) if _chunk_path(work, i).is_file()]
-    with tqdm(total=num_sequences, initial=sum(rows_of[i] for i in done), unit="seq", desc=f"generate {out.name}",
-              disable=not progress) as bar:
-        for i in range(num_chunks):
-            if _chunk_path(work, i).is_file():
-                continue
-            prompts = domain_prompts(domains, i * chunk_rows, chunk_rows, device)
-            autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-                        else contextlib.nullcontext())
-            with autocast:
-                s = sampler.sample(prompts, context, temperature, top_k, top_p, eos_id if stop_at_eos else None,
-                                   pad_id, make_generator(seed, i, device), k is not None, k, torch_lp)
-            n = rows_of[i]
-            arrays = {"tokens": s.tokens[:n].cpu().numpy().astype(tok_dtype)}
-            if k is not None:
-                top = s.teacher_logprobs
-                arrays["values"] = top.values[:n].cpu().numpy().astype(np_lp)  # type: ignore[union-attr]
-                arrays["indices"] = top.indices[:n].cpu().numpy().astype(np.int32)  # type: ignore[union-attr]
-            _save_chunk(_chunk_path(work, i), arrays)
-            bar.update(n)
+
+    def sample_chunk(i: int, n: int) -> dict[str, np.ndarray]:
+        prompts = domain_prompts(domains, i * chunk_rows, chunk_rows, device)
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            s = sampler.sample(prompts, context, temperature, top_k, top_p, eos_id if stop_at_eos else None,
+                               pad_id, make_generator(seed, i, device), k is not None, k, torch_lp)
+        arrays = {"tokens": s.tokens[:n].cpu().numpy().astype(tok_dtype)}
+        if k is not None:
+            top = s.teacher_logprobs
+            arrays["values"] = top.values[:n].cpu().numpy().astype(np_lp)  # type: ignore[union-attr]
+            arrays["indices"] = top.indices[:n].cpu().numpy().astype(np.int32)  # type: ignore[union-attr]
+        return arrays
+
+    work, num_chunks = run_chunked_job(out, settings, num_sequences, chunk_rows, sample_chunk, resume=resume,
+                                       progress=progress, no_resume_hint="resume=False")
     return _assemble(out, work, settings, num_chunks, tokenizer_fingerprint, vocab_size, eos_id, source)
 
 
@@ -209,10 +234,7 @@ def _assemble(out: Path, work: Path, settings: dict, num_chunks: int, tokenizer_
             del arr
     info = {k: v for k, v in settings.items() if k not in ("vocab_size", "tokenizer_fingerprint")}
     atomic_write_json(staging / REPLAY_INFO, info)
-    if out.exists():
-        raise SelfReplayError(f"generate: {out} appeared while generating; not overwriting it (chunks kept in {work})")
-    os.replace(staging, out)
-    shutil.rmtree(work, ignore_errors=True)
+    publish_corpus(staging, out, work)
     return meta
 
 

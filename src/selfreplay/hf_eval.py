@@ -12,12 +12,14 @@ for models with a chat template, as in the paper), and lm-evaluation-harness tas
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from selfreplay.errors import SelfReplayError
+from selfreplay.evaluation import text_table
 
 MCQ_FORMATS = ("auto", "chat", "plain")
 
@@ -145,7 +147,7 @@ def hf_eval_report(model_name_or_path: str, data: Sequence[str] = (), teacher: O
 def require_lm_eval() -> None:
     """A one-line error when lm-evaluation-harness is missing."""
     try:
-        import lm_eval  # noqa: F401
+        importlib.import_module("lm_eval")
     except ImportError:
         raise SelfReplayError("--lm-eval: lm-evaluation-harness is not installed: pip install 'lm_eval[hf]'") \
             from None
@@ -157,30 +159,13 @@ def format_hf_report(report: dict) -> str:
     data_columns = [("data", "data"), ("tokens", "tokens"), ("loss", "loss"), ("accuracy", "accuracy"),
                     ("teacher_loss", "teacher loss"), ("delta", "delta"), ("kl", "KL(teacher||model)")]
     if report.get("data"):
-        parts.append(_table(report["data"], data_columns))
+        parts.append(text_table(report["data"], data_columns))
     if report.get("mcq"):
-        parts.append(_table(report["mcq"], [("mcq", "questions"), ("format", "format"), ("n", "n"),
+        parts.append(text_table(report["mcq"], [("mcq", "questions"), ("format", "format"), ("n", "n"),
                                             ("accuracy", "accuracy")]))
     if report.get("lm_eval"):
         rows = [{"task": task, "metric": metric.split(",")[0], "value": value}
                 for task, metrics in report["lm_eval"].items() for metric, value in metrics.items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric]
-        parts.append(_table(rows, [("task", "lm-eval task"), ("metric", "metric"), ("value", "value")]))
+        parts.append(text_table(rows, [("task", "lm-eval task"), ("metric", "metric"), ("value", "value")]))
     return "\n\n".join(parts)
-
-
-def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    columns = [(k, h) for k, h in columns if any(k in r for r in rows)]
-    cells = [[h for _, h in columns]] + [[_cell(r.get(k), k == "delta") for k, _ in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _cell(v, signed: bool = False) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:+.4f}" if signed else f"{v:.4f}"
-    return str(v)

@@ -22,7 +22,6 @@ out as replay batches.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -30,11 +29,10 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from selfreplay.checkpoint import atomic_write_json
 from selfreplay.errors import SelfReplayError
-from selfreplay.generate import JOB_FILE, _chunk_path, _load_chunk, _save_chunk
+from selfreplay.generate import _chunk_path, _load_chunk, publish_corpus, run_chunked_job
 from selfreplay.replay import ReplayBatch
 
 PathLike = Union[str, os.PathLike]
@@ -83,34 +81,12 @@ def generate_hf_replay_corpus(model, tokenizer, out_dir: PathLike, num_sequences
         "autocast_dtype": str(autocast_dtype) if autocast_dtype else None,
     }
 
-    work = out.with_name(out.name + ".partial")
-    job = work / JOB_FILE
-    if work.exists() and not resume:
-        shutil.rmtree(work)
-    if work.exists():
-        try:
-            saved = json.loads(job.read_text(encoding="utf-8")) if job.is_file() else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            saved = None
-        if saved != settings:
-            changed = [k for k in settings if saved is None or saved.get(k) != settings[k]]
-            raise SelfReplayError(f"generate: {work} holds an interrupted run with other settings "
-                                  f"({', '.join(changed)}); delete it or pass --no-resume")
-    else:
-        work.mkdir(parents=True)
-        atomic_write_json(job, settings)
+    def sample_chunk(i: int, n: int) -> dict[str, np.ndarray]:
+        tokens, _ = sampler.sample_refill(i)
+        return {"input_ids": tokens[:n].cpu().numpy().astype(np.int32)}
 
-    num_chunks = math.ceil(num_sequences / chunk_rows)
-    rows_of = [min(chunk_rows, num_sequences - i * chunk_rows) for i in range(num_chunks)]
-    done = sum(rows_of[i] for i in range(num_chunks) if _chunk_path(work, i).is_file())
-    with tqdm(total=num_sequences, initial=done, unit="seq", desc=f"generate {out.name}",
-              disable=not progress) as bar:
-        for i in range(num_chunks):
-            if _chunk_path(work, i).is_file():
-                continue
-            tokens, _ = sampler.sample_refill(i)
-            _save_chunk(_chunk_path(work, i), {"input_ids": tokens[:rows_of[i]].cpu().numpy().astype(np.int32)})
-            bar.update(rows_of[i])
+    work, num_chunks = run_chunked_job(out, settings, num_sequences, chunk_rows, sample_chunk, resume=resume,
+                                       progress=progress, no_resume_hint="--no-resume")
 
     staging = work / "corpus"
     if staging.exists():
@@ -126,10 +102,7 @@ def generate_hf_replay_corpus(model, tokenizer, out_dir: PathLike, num_sequences
     np.save(staging / MASK_FILE, mask)
     info = {k: v for k, v in settings.items() if k not in ("chunk_rows",)}
     atomic_write_json(staging / INFO_FILE, info)
-    if out.exists():
-        raise SelfReplayError(f"generate: {out} appeared while generating; not overwriting it (chunks kept in {work})")
-    os.replace(staging, out)
-    shutil.rmtree(work, ignore_errors=True)
+    publish_corpus(staging, out, work)
     return info
 
 

@@ -18,7 +18,7 @@ import torch
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.hf_model import Teacher, lm_logits
-from selfreplay.replay import ReplayBatch
+from selfreplay.replay import ReplayBatch, StreamPosition
 from selfreplay.sampling import check_sampling_args, choose_tokens, make_generator
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def prompt_ids_for(tokenizer, mode: str) -> list[int]:
     raise SelfReplayError(f"replay.prompt={mode!r}: expected one of {', '.join(PROMPT_MODES)}")
 
 
-class HFSelfReplay:
+class HFSelfReplay(StreamPosition):
     """A :class:`selfreplay.replay.ReplaySource` sampling replay from a Hugging Face :class:`Teacher`.
 
     Every refill samples ``buffer × batch_size`` rows of exactly ``length`` tokens at once (KV cache), seeded
@@ -209,17 +209,7 @@ class HFSelfReplay:
         return {"seed": self.seed, "batch_size": self.batch_size, "buffer": self.buffer, "length": self.length,
                 "prompt": self.prompt, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
-    def state_dict(self) -> dict:
-        """Position in the sample stream (the current buffer is resampled identically on resume)."""
-        return {**self._identity(), "batches": self._batches, "sample_seconds": self.sample_seconds}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = {k: state.get(k) for k in self._identity()}
-        if saved != self._identity():
-            diff = ", ".join(f"{k} {saved[k]} (now {v})" for k, v in self._identity().items() if saved[k] != v)
-            raise SelfReplayError(f"replay state was saved with different settings: {diff}")
-        self._batches = int(state["batches"])
-        self.sample_seconds = float(state.get("sample_seconds", 0.0))
+    def _drop_buffer(self) -> None:
         self._held = self._tokens = self._logprobs = None
 
 

@@ -13,6 +13,10 @@ model is wrapped in DDP or FSDP2 (``distributed.strategy``). Losses are normalis
 target tokens, so N ranks compute the same update as one process with the same global batch. Rank 0 writes
 the run directory: config.yaml, run.json (git commit), metrics.jsonl, summary.json and ``model/``
 (``save_pretrained``; LoRA merged unless ``save.merge_lora=false``).
+
+Each evaluation logs the held-out loss, token accuracy and KL to the teacher; with ``eval.prev`` (old data) the
+forgetting, i.e. the loss there minus the teacher's, and the KL there; with ``eval.mcq`` the multiple-choice
+accuracy per question file (benchmark tracking, scored identically on every rank).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import functools
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +106,18 @@ class HFReplayConfig:
 
 @dataclass
 class HFEvalConfig:
-    """Periodic evaluation on the held-out rows (loss, token accuracy, KL to the teacher)."""
+    """Periodic evaluation: held-out rows (loss, token accuracy, KL to the teacher), forgetting on old data
+    (eval.prev) and multiple-choice benchmarks (eval.mcq)."""
 
     every_steps: int = _f(50, "evaluate (and log) every this many optimizer steps, and at the end")
     batch_size: int = _f(8, "rows per evaluation forward pass (per rank)")
-    max_rows: Optional[int] = _f(None, "evaluate on about this many validation rows at most (whole batches)")
+    max_rows: Optional[int] = _f(None, "evaluate on about this many validation (and eval.prev) rows at most "
+                                       "(whole batches)")
+    prev: Optional[str] = _f(None, "old-distribution data (data.train's formats): log prev_loss, prev_teacher_loss, "
+                                   "forgetting = prev_loss - prev_teacher_loss, prev_kl")
+    prev_split: str = _f("train", "eval.prev: dataset split (datasets sources)")
+    mcq: list[str] = _f([], "multiple-choice question files (.jsonl, ...): log mcq_<name>_accuracy per file")
+    mcq_format: str = _f("auto", "eval.mcq prompts: auto (chat when the tokenizer has a template) | chat | plain")
 
 
 @dataclass
@@ -201,6 +211,8 @@ def validate_hf_config(cfg: HFTrainConfig, world: int) -> None:
             raise SelfReplayError(f"replay.prompt={r.prompt!r}: expected bos or chat")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise SelfReplayError(f"precision={cfg.precision!r}: expected auto, fp32 or bf16")
+    if cfg.eval.mcq_format not in ("auto", "chat", "plain"):
+        raise SelfReplayError(f"eval.mcq_format={cfg.eval.mcq_format!r}: expected auto, chat or plain")
     if cfg.distributed.strategy not in ("ddp", "fsdp"):
         raise SelfReplayError(f"distributed.strategy={cfg.distributed.strategy!r}: expected ddp or fsdp")
     if cfg.lora.r < 0:
@@ -294,6 +306,7 @@ class HFTrainer:
         self.trainable_params = sum(p.numel() for p in self.params)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._build_data()
+        self._build_eval_sets()
         self.replay = self._build_replay() if self.uses_replay else None
         self.tokens_per_step = cfg.batch_size * cfg.data.seq_len
         self.total_steps = self._total_steps()
@@ -310,6 +323,23 @@ class HFTrainer:
         cfg = self.cfg
         rows = prepare_hf_data(cfg.data.train, self.tokenizer, cfg.data.seq_len, cfg.data.split, cfg.data.text_field)
         self.loader = HFBatchLoader(rows, cfg.batch_size, cfg.data.seed, cfg.data.valid_rows, self.rank, self.world)
+
+    def _build_eval_sets(self) -> None:
+        """eval.prev rows (tokenized like the training data) and eval.mcq questions, loaded once."""
+        from selfreplay.hf_data import prepare_hf_data
+
+        cfg = self.cfg
+        self.prev_rows = None if not cfg.eval.prev else prepare_hf_data(
+            cfg.eval.prev, self.tokenizer, cfg.data.seq_len, cfg.eval.prev_split, cfg.data.text_field)
+        self.prev_teacher_loss: Optional[float] = None  # without a teacher: prev_loss of the step-0 evaluation
+        self.mcq_sets = {}
+        if cfg.eval.mcq:
+            from selfreplay.hf_eval import mcq_chat_format
+            from selfreplay.multiple_choice import load_questions
+
+            self.mcq_chat = mcq_chat_format(self.tokenizer, cfg.eval.mcq_format)
+            for path in cfg.eval.mcq:
+                self.mcq_sets[_mcq_metric_name(path, self.mcq_sets)] = load_questions(path)
 
     def _build_replay(self):
         cfg, r = self.cfg, self.cfg.replay
@@ -443,18 +473,68 @@ class HFTrainer:
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss, token accuracy and (with a teacher) KL(teacher || model), over all ranks' rows."""
+        """Validation loss, token accuracy and (with a teacher) KL(teacher || model), over all ranks' rows; with
+        eval.prev the same on old data plus the forgetting; with eval.mcq the benchmark accuracies."""
+        cfg = self.cfg
+        global_batch = cfg.eval.batch_size * self.world
+        sums = self._score_batches(_limit_rows(self.loader.valid_batches(global_batch), global_batch,
+                                               cfg.eval.max_rows))
+        if sums[4] == 0:
+            raise SelfReplayError("evaluation: no validation rows (set data.valid_rows > 0)")
+        out = {"valid_loss": sums[0] / sums[4], "valid_accuracy": sums[1] / sums[4]}
+        if self.teacher is not None:
+            out["valid_kl"] = sums[2] / sums[4]
+        if self.prev_rows is not None:
+            out.update(self._evaluate_prev())
+        if self.mcq_sets:
+            out.update(self._evaluate_mcq())
+        return out
+
+    def _evaluate_prev(self) -> dict:
+        """Forgetting on eval.prev: the model's loss minus the teacher's (the model before finetuning) on the same
+        target tokens. Without a teacher in memory (full finetuning, replay.method=none) the teacher's loss is the
+        model's own at the step-0 evaluation (kept in the resumable state)."""
+        cfg = self.cfg
+        global_batch = cfg.eval.batch_size * self.world
+        sums = self._score_batches(_limit_rows(_sharded_batches(self.prev_rows, global_batch, self.rank, self.world),
+                                               global_batch, cfg.eval.max_rows))
+        if sums[4] == 0:
+            raise SelfReplayError(f"eval.prev={cfg.eval.prev}: no target tokens to evaluate on")
+        out = {"prev_loss": sums[0] / sums[4], "prev_accuracy": sums[1] / sums[4]}
+        if self.teacher is not None:
+            out.update(prev_teacher_loss=sums[3] / sums[4], prev_kl=sums[2] / sums[4])
+        else:
+            if self.prev_teacher_loss is None:
+                self.prev_teacher_loss = out["prev_loss"]
+            out["prev_teacher_loss"] = self.prev_teacher_loss
+        out["forgetting"] = out["prev_loss"] - out["prev_teacher_loss"]
+        return out
+
+    def _evaluate_mcq(self) -> dict:
+        """Multiple-choice accuracy per eval.mcq file. Every rank scores every question with identical forward
+        calls (FSDP's collectives need that), so all ranks get the same numbers without a reduction."""
+        from selfreplay.multiple_choice import multiple_choice_accuracy
+
+        out = {}
+        with self.autocast():
+            for name, questions in self.mcq_sets.items():
+                result = multiple_choice_accuracy(_FullOutput(self.model), self.tokenizer, questions,
+                                                  batch_size=self.cfg.eval.batch_size, device=self.device,
+                                                  chat=self.mcq_chat)
+                out[f"mcq_{name}_accuracy"] = result["accuracy"]
+        if len(self.mcq_sets) > 1:
+            out["mcq_average_accuracy"] = sum(out.values()) / len(out)
+        return out
+
+    def _score_batches(self, batches) -> list[float]:
+        """[nll, correct, kl, teacher nll, count] summed over the target tokens of this rank's (ids, mask)
+        batches and then over all ranks (kl and teacher nll are 0 without a teacher)."""
         from selfreplay.hf_model import forward_with_head
 
-        cfg = self.cfg
         self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # nll, correct, kl, count
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         try:
-            seen = 0
-            for ids, mask in self.loader.valid_batches(cfg.eval.batch_size * self.world):
-                if cfg.eval.max_rows is not None and seen >= cfg.eval.max_rows:
-                    break
-                seen += cfg.eval.batch_size * self.world
+            for ids, mask in batches:
                 if ids.shape[0] == 0:  # this rank's share of the last batch is empty: a weightless row keeps
                     ids = torch.full((1, ids.shape[1]), self.pad_id, dtype=torch.long)  # FSDP's collectives in step
                     mask = torch.zeros(ids.shape)
@@ -465,19 +545,14 @@ class HFTrainer:
                         self._eval_sums, ids=ids, mask=mask, t_hidden=t_hidden, t_head=t_head))
         finally:
             self.model.train()
-        sums = dist_utils.reduce_sum(sums).tolist()
-        if sums[3] == 0:
-            raise SelfReplayError("evaluation: no validation rows (set data.valid_rows > 0)")
-        out = {"valid_loss": sums[0] / sums[3], "valid_accuracy": sums[1] / sums[3]}
-        if self.teacher is not None:
-            out["valid_kl"] = sums[2] / sums[3]
-        return out
+        return dist_utils.reduce_sum(sums).tolist()
 
     def _eval_sums(self, hidden, head, ids, mask, t_hidden, t_head) -> torch.Tensor:
-        """[nll, correct, kl, count] summed over the target positions of one batch, a chunk of logits at a time."""
+        """[nll, correct, kl, teacher nll, count] summed over the target positions of one batch, a chunk of logits
+        at a time."""
         from selfreplay.losses import token_divergence
 
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         rows = mask[:, 1:].reshape(-1).nonzero().squeeze(-1)
         flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = ids[:, 1:].reshape(-1)
@@ -487,9 +562,10 @@ class HFTrainer:
             sums[0] += torch.nn.functional.cross_entropy(logits, targets[chunk], reduction="sum").double()
             sums[1] += (logits.argmax(-1) == targets[chunk]).sum().double()
             if t_flat is not None:
-                t_logits = t_head(t_flat[chunk.to(t_flat.device)]).float().to(self.device)
-                sums[2] += token_divergence(logits, torch.log_softmax(t_logits, -1)).sum().double()
-            sums[3] += chunk.numel()
+                t_logprobs = torch.log_softmax(t_head(t_flat[chunk.to(t_flat.device)]).float().to(self.device), -1)
+                sums[2] += token_divergence(logits, t_logprobs).sum().double()
+                sums[3] -= t_logprobs.gather(-1, targets[chunk, None]).sum().double()
+            sums[4] += chunk.numel()
         return sums
 
     # ---------------------------------------------------------------- the loop
@@ -561,18 +637,7 @@ class HFTrainer:
             state = {"config": config_to_dict(self.cfg), "counters": dataclasses.asdict(st), "record": record,
                      "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                      "loader": self.loader.state_dict(), "replay": replays, "world_size": self.world}
-            tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".train_state."))
-            try:
-                torch.save(state, tmp / "state.pt")
-                final, old = self.run_dir / ckpt.TRAIN_STATE, self.run_dir / ".train_state.old"
-                if final.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-                    final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            ckpt.replace_train_state(self.run_dir, lambda tmp: torch.save(state, tmp / "state.pt"))
         dist_utils.barrier()
 
     def _restore(self) -> _Counters:
@@ -598,6 +663,8 @@ class HFTrainer:
                        options=StateDictOptions(full_state_dict=True, strict=False))
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
+        if self.prev_rows is not None and self.teacher is None:  # eval.prev newly set on resume: no step-0 loss
+            self.prev_teacher_loss = state["record"].get("prev_teacher_loss", float("nan"))
         replays = state["replay"]
         if self.replay is not None and replays and len(replays) == self.world:
             self.replay.load_state_dict(replays[self.rank])
@@ -661,6 +728,51 @@ class HFTrainer:
             ckpt.atomic_write_json(self.run_dir / ckpt.SUMMARY, summary)
             shutil.rmtree(self.run_dir / ckpt.TRAIN_STATE, ignore_errors=True)
         dist_utils.barrier()
+
+
+class _FullOutput(torch.nn.Module):
+    """The trained model (through its DDP / FSDP wrapper) called like a plain transformers model, returning
+    ``.logits``: what :func:`~selfreplay.multiple_choice.multiple_choice_accuracy` expects."""
+
+    def __init__(self, wrapped: torch.nn.Module):
+        import inspect
+
+        from selfreplay.hf_model import base_causal_lm
+
+        super().__init__()
+        self.wrapped = wrapped
+        # multiple-choice scoring reads the last position only: no [B, T, V] logits for a 128k vocabulary
+        accepts = "logits_to_keep" in inspect.signature(base_causal_lm(wrapped).forward).parameters
+        self.extra = {"logits_to_keep": 1} if accepts else {}
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        from selfreplay.hf_model import lm_logits
+
+        return lm_logits(self.wrapped, input_ids, attention_mask, **self.extra, **kwargs)
+
+
+def _mcq_metric_name(path: str, taken: dict) -> str:
+    """``mmlu`` for ``data/mmlu.jsonl`` (``mmlu_2`` if a second file has the same stem)."""
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(path.rstrip("/")).stem) or "mcq"
+    name, k = stem, 2
+    while name in taken:
+        name, k = f"{stem}_{k}", k + 1
+    return name
+
+
+def _sharded_batches(rows, global_batch: int, rank: int, world: int):
+    """All of ``rows`` (PackedRows) in order, in global batches of which this rank takes rows rank, rank+world, ..."""
+    for start in range(0, len(rows), global_batch):
+        mine = torch.arange(start, min(start + global_batch, len(rows)))[rank::world]
+        yield rows.input_ids[mine], rows.loss_mask[mine]
+
+
+def _limit_rows(batches, global_batch: int, max_rows: Optional[int]):
+    """The first whole global batches covering at least ``max_rows`` rows (all of them when None)."""
+    for i, batch in enumerate(batches):
+        if max_rows is not None and i * global_batch >= max_rows:
+            return
+        yield batch
 
 
 def _slice_batch(batch: ReplayBatch, lo: int, hi: int) -> ReplayBatch:

@@ -104,7 +104,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class SelfGeneratedReplay:
+class StreamPosition:
+    """state_dict / load_state_dict for replay sampled refill by refill from (seed, refill index).
+
+    The state is the position in the sample stream plus the settings that define it (``_identity()``); the
+    current buffer is not stored but resampled identically on resume (``_drop_buffer()`` forgets it).
+    """
+
+    _batches: int
+    sample_seconds: float
+
+    def _identity(self) -> dict:
+        raise NotImplementedError
+
+    def _drop_buffer(self) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Position in the sample stream (small: the current buffer is resampled on resume, not stored)."""
+        return {**self._identity(), "batches": self._batches, "sample_seconds": self.sample_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = {k: state.get(k) for k in self._identity()}
+        if saved != self._identity():
+            diff = ", ".join(f"{k} {saved[k]} (now {v})" for k, v in self._identity().items() if saved[k] != v)
+            raise SelfReplayError(f"replay state was saved with different settings: {diff}")
+        self._batches = int(state["batches"])
+        self.sample_seconds = float(state.get("sample_seconds", 0.0))
+        self._drop_buffer()
+
+
+class SelfGeneratedReplay(StreamPosition):
     """Replay sampled from the frozen teacher itself (the paper's self-generated replay, §3.2).
 
     Every refill samples ``buffer × batch_size`` sequences at once, each prompted only with a domain token
@@ -219,17 +249,7 @@ class SelfGeneratedReplay:
                 "context": self.context, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
                 "eos_id": self.eos_id}
 
-    def state_dict(self) -> dict:
-        """Position in the sample stream (small: the current buffer is resampled on resume, not stored)."""
-        return {**self._identity(), "batches": self._batches, "sample_seconds": self.sample_seconds}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = {k: state.get(k) for k in self._identity()}
-        if saved != self._identity():
-            diff = ", ".join(f"{k} {saved[k]} (now {v})" for k, v in self._identity().items() if saved[k] != v)
-            raise SelfReplayError(f"replay state was saved with different settings: {diff}")
-        self._batches = int(state["batches"])
-        self.sample_seconds = float(state.get("sample_seconds", 0.0))
+    def _drop_buffer(self) -> None:
         self._held, self._samples = None, None
 
 

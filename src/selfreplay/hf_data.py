@@ -267,11 +267,9 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where:
 def _tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` (as apply_chat_template tokenizes it: no added special tokens) and each token's
     start character."""
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        raise SelfReplayError("assistant-only loss masks need a fast tokenizer (one with offset mappings)") \
-            from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise SelfReplayError("assistant-only loss masks need a fast tokenizer (one with offset mappings)")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
 
 

@@ -227,14 +227,12 @@ def validate_hf_config(cfg: HFTrainConfig, world: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _pad_to(tokens: torch.Tensor, mask: Optional[torch.Tensor], length: int, pad_id: int):
-    """Right-pad rows to ``length`` with masked padding (causal attention: earlier positions are unaffected)."""
-    B, T = tokens.shape
-    full_mask = torch.ones(B, T, dtype=torch.float32, device=tokens.device) if mask is None else mask.float()
-    if T == length:
-        return tokens, full_mask
-    pad = torch.full((B, length - T), pad_id, dtype=tokens.dtype, device=tokens.device)
-    return torch.cat((tokens, pad), 1), torch.cat((full_mask, torch.zeros(B, length - T, device=tokens.device)), 1)
+def _pad_tokens(tokens: torch.Tensor, length: int, pad_id: int) -> torch.Tensor:
+    """Right-pad rows to ``length`` (causal attention: earlier positions are unaffected; the losses mask the pad)."""
+    if tokens.shape[1] == length:
+        return tokens
+    pad = torch.full((tokens.shape[0], length - tokens.shape[1]), pad_id, dtype=tokens.dtype, device=tokens.device)
+    return torch.cat((tokens, pad), 1)
 
 
 def _target_count(mask: torch.Tensor) -> torch.Tensor:
@@ -415,7 +413,7 @@ class HFTrainer:
         r_ids, r_mask = replay.tokens, replay.loss_mask
         targets = self._teacher_targets(r_ids, replay) if r.method == "kl" else {}  # before the student pass
         length = max(ids.shape[1], r_ids.shape[1])
-        both = torch.cat((_pad_to(ids, mask, length, self.pad_id)[0], _pad_to(r_ids, r_mask, length, self.pad_id)[0]))
+        both = torch.cat((_pad_tokens(ids, length, self.pad_id), _pad_tokens(r_ids, length, self.pad_id)))
         n = ids.shape[0]
 
         def both_losses(hidden, head):
@@ -436,13 +434,13 @@ class HFTrainer:
         global per-token means: summing over ranks gives the means)."""
         cfg, r = self.cfg, self.cfg.replay
         ids, mask = self.loader.next_batch()
-        ids, mask = _pad_to(ids.to(self.device), mask.to(self.device), ids.shape[1], self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device).float()
         replay = self.replay.next_batch() if self.replay is not None else None
         counts = torch.stack((_target_count(mask), torch.zeros((), device=self.device)))
         if replay is not None:
-            r_ids, r_mask = _pad_to(replay.tokens.to(self.device),
-                                    None if replay.loss_mask is None else replay.loss_mask.to(self.device),
-                                    replay.tokens.shape[1], self.pad_id)
+            r_ids = replay.tokens.to(self.device)
+            r_mask = torch.ones(r_ids.shape, device=self.device) if replay.loss_mask is None else \
+                replay.loss_mask.to(self.device).float()
             replay = ReplayBatch(r_ids, r_mask, replay.teacher_logprobs)
             counts[1] = _target_count(r_mask)
         totals = dist_utils.reduce_sum(counts).clamp_min(1.0)  # global target tokens: the loss normalisers

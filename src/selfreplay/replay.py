@@ -8,6 +8,8 @@ it gets.
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import json
 import logging
@@ -104,7 +106,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class StreamPosition:
+class StreamPosition(abc.ABC):
     """state_dict / load_state_dict for replay sampled refill by refill from (seed, refill index).
 
     The state is the position in the sample stream plus the settings that define it (``_identity()``); the
@@ -114,11 +116,13 @@ class StreamPosition:
     _batches: int
     sample_seconds: float
 
+    @abc.abstractmethod
     def _identity(self) -> dict:
-        raise NotImplementedError
+        """The settings that define the sample stream (a resumed run must match them)."""
 
+    @abc.abstractmethod
     def _drop_buffer(self) -> None:
-        raise NotImplementedError
+        """Forget the current buffer so that the next batch resamples it."""
 
     def state_dict(self) -> dict:
         """Position in the sample stream (small: the current buffer is resampled on resume, not stored)."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfreplay.data import CorpusMeta, write_corpus
+from selfreplay.data.corpus import CorpusMeta, write_corpus
 
 # Tiny models: one thread per test process is fastest (and avoids oversubscribing the cores under xdist).
 torch.set_num_threads(1)
@@ -58,11 +58,18 @@ def corpora(tmp_path_factory) -> dict[str, str]:
 
 
 def tiny_overrides(run_dir, train: str, **extra) -> list[str]:
-    """A model and schedule small enough for a step in a few milliseconds on one CPU core."""
+    """A model and schedule small enough for a step in a few milliseconds on one CPU core.
+
+    Finetuning: pass ``**{"model.model_name_or_path": run}`` (``init_from=run`` is still accepted here and
+    translated, for tests written against the old key). Finetuning defaults to replay.method=kl: a test meaning
+    plain finetuning passes ``**{"replay.method": "none"}``.
+    """
     base = {"run_dir": run_dir, "data.train": train, "model.d_model": 32, "model.n_layers": 1, "model.head_dim": 16,
             "model.context": 16, "model.vocab_size": VOCAB, "data.batch_size": 16, "data.valid_tokens": 600,
             "optim.warmup_tokens": 0, "optim.lr": 3e-3, "eval.every_tokens": 16 * 16 * 10, "log.progress": False,
             "replay.batch_size": 8}
+    if "init_from" in extra:
+        extra["model.model_name_or_path"] = extra.pop("init_from")
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -71,10 +78,10 @@ def tiny_overrides(run_dir, train: str, **extra) -> list[str]:
 def pretrained(corpora, tmp_path_factory) -> str:
     """A tiny model pretrained on the "en" corpus (shared by finetuning tests)."""
     from selfreplay.config import TrainConfig, load_config
-    from selfreplay.trainer import train
+    from selfreplay.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "pretrain"
-    train(load_config(TrainConfig, [], tiny_overrides(run_dir, corpora["en"], **{"stop.steps": 150})))
+    train(load_config(TrainConfig, [], tiny_overrides(run_dir, corpora["en"], **{"stop.steps": 150})), "pretrain")
     return str(run_dir)
 
 
@@ -104,7 +111,7 @@ def write_chat_jsonl(path, n=160, seed=0):
 
 @pytest.fixture(scope="module")
 def hf_files(tmp_path_factory):
-    """(test_hf_trainer, test_distributed) Local model directories (tiny Llama and Qwen2 + tokenizer, saved with save_pretrained) and chat data."""
+    """(test_train_hf, test_distributed, ...) Local model directories (tiny Llama and Qwen2 + tokenizer, saved with save_pretrained) and chat data."""
     from hf_fixtures import tiny_llama, tiny_qwen2, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("hf")

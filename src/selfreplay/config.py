@@ -1,7 +1,10 @@
-"""Typed run configuration: dataclasses whose defaults reproduce the paper's small-model setup.
+"""One typed run configuration for pretraining and finetuning, whatever the model kind.
 
-Configs load from YAML files and ``key.sub=value`` overrides (OmegaConf does the merging and type checks);
-unknown keys and mistyped values become one-line :class:`SelfReplayError` messages.
+Dataclasses with the paper's defaults, loaded from YAML files and ``key.sub=value`` overrides (OmegaConf does the
+merging and type checks); unknown keys, keys that moved and mistyped values become one-line
+:class:`SelfReplayError` messages. A default of ``None`` documented as "X (built-in GPT) / Y (Hugging Face)" is
+filled in per model kind by :func:`resolve_defaults` (the paper's small-model settings vs its §5.9 instruct run),
+and the resolved config is what a run saves.
 """
 
 from __future__ import annotations
@@ -12,121 +15,188 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf import errors as oc_errors
 
 from selfreplay.errors import SelfReplayError
 
+PRETRAIN, FINETUNE = "pretrain", "finetune"
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help string (shown by ``--help``)."""
+
+def _f(default: Any, help: str, only: Optional[str] = None) -> Any:
+    """A field with a help string; ``only`` = pretrain / finetune when the key applies to one command only."""
+    meta = {"help": help, "only": only}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def _sub(cls: type, help: str) -> Any:
-    return field(default_factory=cls, metadata={"help": help})
+def _sub(cls: type, help: str, only: Optional[str] = None) -> Any:
+    return field(default_factory=cls, metadata={"help": help, "only": only})
 
 
 @dataclass
 class ModelConfig:
-    """The paper's decoder-only GPT (heads = d_model / head_dim)."""
+    """What to train: an existing model (finetuning), or the built-in GPT's shape (pretraining)."""
 
-    d_model: int = _f(256, "model width D")
-    n_layers: int = _f(6, "number of transformer blocks L")
-    head_dim: int = _f(64, "attention head dimension H (heads = d_model / head_dim)")
-    context: int = _f(256, "sequence length T, domain token included")
-    vocab_size: int = _f(4096, "vocabulary size V (must match the tokenizer)")
+    model_name_or_path: Optional[str] = _f(None, "model to finetune: a selfreplay run directory, a Hugging Face "
+                                                 "directory or hub id", FINETUNE)
+    model_revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) of a Hugging Face model", FINETUNE)
+    dtype: str = _f("float32", "Hugging Face weights dtype: float32 (fp32 master weights) | bfloat16 | auto", FINETUNE)
+    trust_remote_code: bool = _f(False, "allow custom model code from the hub", FINETUNE)
+    tokenizer_name_or_path: Optional[str] = _f(None, "tokenizer (default: the model's)", FINETUNE)
+    d_model: int = _f(256, "built-in GPT width D", PRETRAIN)
+    n_layers: int = _f(6, "built-in GPT blocks L", PRETRAIN)
+    head_dim: int = _f(64, "built-in GPT head dimension H (heads = D / H)", PRETRAIN)
+    context: int = _f(256, "built-in GPT sequence length T, domain token included", PRETRAIN)
+    vocab_size: int = _f(4096, "built-in GPT vocabulary size V (must match the tokenizer)", PRETRAIN)
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen model before finetuning (full finetuning; with LoRA it is the base weights, adapters off)."""
+
+    dtype: Optional[str] = _f(None, "teacher weights dtype: null (as the student) | float32 | bfloat16")
+    device: Optional[str] = _f(None, "teacher device, e.g. cuda:1 (null: the student's)")
 
 
 @dataclass
 class DataConfig:
-    """Where the training batches come from."""
+    """Training data: a token corpus (built-in GPT) or text / chat records (Hugging Face models)."""
 
-    train: str = _f("", "tokenized corpus directory (from `selfreplay tokenize`) to train on")
-    valid_tokens: int = _f(1_048_576, "tokens held out for validation (paper: 10M; 1M on the ~9M-token shared corpora)")
-    batch_size: int = _f(256, "sequences per optimizer step")
+    train: str = _f("", "a `selfreplay tokenize` corpus directory (built-in GPT), or .jsonl / .parquet / .txt / a "
+                        "directory / a hub dataset of text, chat messages or prompt-completion records")
+    batch_size: Optional[int] = _f(None, "sequences per optimizer step, over all ranks: 256 (built-in GPT) / 128 "
+                                         "(Hugging Face)")
     seed: int = _f(0, "seed of the train/valid split and the epoch shuffles (kept apart from the init seed)")
-    mix: Optional[str] = _f(None, "second tokenized corpus mixed into every batch")
-    mix_fraction: float = _f(0.0, "fraction of each batch's rows taken from data.mix")
-    max_train_tokens: Optional[int] = _f(None, "use at most this many tokens of the corpus (after the validation split)")
+    valid_tokens: int = _f(1_048_576, "corpora: tokens held out for validation (paper: 10M)")
+    valid_examples: int = _f(64, "records: examples held out for validation (split by example)")
+    seq_len: Optional[int] = _f(None, "records: tokens per row (default: 512; the built-in GPT uses model.context)")
+    packing: str = _f("auto", "records: auto (text: one packed stream; chats: one example per row) | stream | "
+                              "examples (whole examples packed, attention kept within each) | none (one per row)")
+    too_long: str = _f("drop", "records, one example per row: drop | truncate examples longer than seq_len")
+    split: str = _f("train", "dataset split (hub datasets and directories)")
+    text_field: str = _f("text", "field holding plain text")
+    mix: Optional[str] = _f(None, "corpora: second corpus mixed into every batch")
+    mix_fraction: float = _f(0.0, "corpora: fraction of each batch's rows taken from data.mix")
+    max_train_tokens: Optional[int] = _f(None, "corpora: use at most this many training tokens")
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule (paper: AdamW 0.9/0.999, wd 0.02, 10M warmup tokens, constant)."""
+    """AdamW and the LR schedule (paper: betas 0.9/0.999, wd 0.02, 10M warmup tokens, then constant)."""
 
     name: str = _f("adamw", "adamw | sgd")
-    lr: float = _f(1e-3, "peak learning rate")
+    lr: Optional[float] = _f(None, "peak learning rate: 1e-3 (built-in GPT) / 1e-5 (Hugging Face, §5.9)")
     beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
+    beta2: Optional[float] = _f(None, "AdamW beta2: 0.999 (built-in GPT) / 0.997 (Hugging Face, §5.9)")
     weight_decay: float = _f(0.02, "decoupled weight decay (AdamW) or L2 (SGD)")
     momentum: float = _f(0.0, "SGD momentum")
     warmup_tokens: int = _f(10_000_000, "linear warmup length in training tokens")
-    schedule: str = _f("constant", "constant | cosine (cosine decays to 0 at the stop length)")
-    grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this value (off by default, as in the paper)")
+    schedule: str = _f("constant", "constant | cosine (decays to 0 at the stop length)")
+    grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this value (off, as in the paper)")
+    fused: Optional[bool] = _f(None, "fused AdamW kernel (default: on CUDA)")
 
 
 @dataclass
 class StopConfig:
-    """When training ends. At most one length criterion (tokens, tokens_per_param, epochs, steps)."""
+    """When training ends: at most one length criterion, plus any of the others."""
 
     tokens: Optional[int] = _f(None, "stop after this many training tokens")
-    tokens_per_param: Optional[float] = _f(None, "stop after this many tokens per parameter (paper's count)")
+    tokens_per_param: Optional[float] = _f(None, "stop after this many tokens per parameter (the paper's count)")
     epochs: Optional[float] = _f(None, "stop after this many passes over the training split")
     steps: Optional[int] = _f(None, "stop after this many optimizer steps")
-    target_loss: Optional[float] = _f(None, "stop once validation loss <= this (checked at every evaluation)")
-    max_time: Optional[float] = _f(None, "stop after this many seconds of training time (evaluation excluded)")
-    early_stop_evals: Optional[int] = _f(None, "stop after this many evaluations without a new best validation loss")
+    target_loss: Optional[float] = _f(None, "stop once validation loss <= this (our per-token convention)")
+    max_time: Optional[float] = _f(None, "stop after this many seconds of training (evaluation excluded)")
+    early_stop_evals: Optional[int] = _f(None, "stop after more than this many evaluations without a new best "
+                                               "validation loss")
 
 
 @dataclass
 class ReplayConfig:
-    """The forgetting penalty: loss = NTP(downstream) + coeff * term(replay)."""
+    """The forgetting penalty: loss = NTP(new data) + coeff · term(replay)."""
 
-    method: str = _f("none", "none | kl | ntp | kl_downstream | replace")
-    coeff: float = _f(10.0, "replay coefficient c (the paper's reg.coeff)")
-    fraction: float = _f(0.125, "method=replace: fraction of each downstream batch's rows replaced by replay rows")
-    divergence: str = _f("forward_kl", "forward_kl (KL(teacher||student), the paper's) | reverse_kl | jsd")
-    jsd_beta: float = _f(0.5, "divergence=jsd: mixture weight beta of the generalised Jensen-Shannon divergence")
-    source: str = _f("prev", "prev (the checkpoint's own training corpus) | self (sampled from the teacher) | a corpus dir")
-    batch_size: int = _f(64, "replay sequences per optimizer step (independent of data.batch_size)")
-    buffer: int = _f(16, "source=self: replay batches sampled at once")
-    temperature: float = _f(1.0, "source=self: sampling temperature")
-    top_k: Optional[int] = _f(None, "source=self: sample only from the k most likely tokens")
-    top_p: Optional[float] = _f(None, "source=self: nucleus sampling threshold")
-    stop_at_eos: bool = _f(False, "source=self: end samples at EOS (padded, masked); default ignores EOS as the paper")
-    logprobs_top_k: Optional[int] = _f(None, "keep only the teacher's top-k log-probs (+ remaining mass) as KL targets")
-    domains: list = _f([], "source=self: domain token ids to prompt with (default: the checkpoint corpus's domain token)")
-    shuffle: bool = _f(True, "source=<dir>: reshuffle stored replay rows every epoch (false: in the stored order)")
+    method: Optional[str] = _f(None, "kl (the paper's) | ntp | kl_downstream | replace | none; default: kl when "
+                                     "finetuning", FINETUNE)
+    coeff: Optional[float] = _f(None, "coefficient c: 10 (built-in GPT) / 1 (Hugging Face, §5.9)", FINETUNE)
+    fraction: float = _f(0.125, "method=replace: fraction of each batch's rows replaced by replay rows", FINETUNE)
+    divergence: str = _f("forward_kl", "forward_kl (KL(teacher||student)) | reverse_kl | jsd", FINETUNE)
+    jsd_beta: float = _f(0.5, "divergence=jsd: mixture weight beta", FINETUNE)
+    source: str = _f("auto", "auto (prev when the teacher's training corpus is recorded and present, else self) | "
+                             "prev | self (sampled from the teacher) | a replay corpus or old-data path", FINETUNE)
+    batch_size: Optional[int] = _f(None, "replay sequences per optimizer step, over all ranks: 64 (built-in GPT) / "
+                                         "32 (Hugging Face)", FINETUNE)
+    buffer: Optional[int] = _f(None, "source=self: replay batches sampled at once: 16 (built-in GPT) / 32 "
+                                     "(Hugging Face)", FINETUNE)
+    length: Optional[int] = _f(None, "source=self: tokens per replay sequence, prompt included (default: the "
+                                     "training rows' length)", FINETUNE)
+    prompt: str = _f("bos", "source=self, Hugging Face: bos (BOS only, the paper's) | chat (the chat template's "
+                            "prefix)", FINETUNE)
+    domains: list = _f([], "source=self, built-in GPT: domain tokens to prompt with (default: the teacher's "
+                           "corpus's)", FINETUNE)
+    temperature: float = _f(1.0, "source=self: sampling temperature", FINETUNE)
+    top_k: Optional[int] = _f(None, "source=self: sample only from the k most likely tokens", FINETUNE)
+    top_p: Optional[float] = _f(None, "source=self: nucleus sampling threshold", FINETUNE)
+    stop_at_eos: bool = _f(False, "source=self: end samples at EOS (padded, masked); the paper ignores EOS", FINETUNE)
+    keep_targets: str = _f("auto", "reuse the teacher's logits from sampling as KL targets: auto (in fp32, while a "
+                                   "buffer's fit in max_logprobs_gib) | true (also under bf16, with a ~1e-5 KL "
+                                   "floor; and a stored corpus's top-k log-probs, a lower bound) | false (run the "
+                                   "teacher)", FINETUNE)
+    max_logprobs_gib: float = _f(1.0, "source=self: keep the sampling logits while one buffer's fit in this many GiB",
+                                 FINETUNE)
+    shuffle: bool = _f(True, "stored replay: reshuffle its rows every epoch", FINETUNE)
 
 
 @dataclass
 class EvalConfig:
-    """Periodic evaluation on the validation split and on the previous distribution."""
+    """Periodic evaluation of the new data and of the old (forgetting)."""
 
-    every_tokens: int = _f(10_000_000, "evaluate every this many training tokens (and at the end)")
-    max_tokens: Optional[int] = _f(None, "evaluate on at most this many validation tokens per corpus (default: all)")
-    batch_size: int = _f(64, "sequences per evaluation forward pass")
-    prev: Optional[str] = _f(None, "previous-distribution corpus for prev_* metrics (default: the checkpoint's corpus)")
+    every_tokens: Optional[int] = _f(None, "evaluate every this many training tokens (default 10M) and at the end")
+    every_steps: Optional[int] = _f(None, "evaluate every this many optimizer steps instead")
+    max_tokens: Optional[int] = _f(None, "evaluate on at most about this many held-out tokens per data set")
+    batch_size: Optional[int] = _f(None, "sequences per evaluation forward pass: 64 (built-in GPT) / 8 (Hugging "
+                                         "Face)")
+    prev: Optional[str] = _f(None, "old data for prev_* and forgetting (default: the teacher's corpus)", FINETUNE)
+    prev_split: str = _f("train", "eval.prev: dataset split", FINETUNE)
+    mcq: list = _f([], "multiple-choice question files: log mcq_<name>_accuracy", FINETUNE)
+    mcq_format: str = _f("auto", "eval.mcq prompts: auto (chat when the tokenizer has a template) | chat | plain",
+                         FINETUNE)
 
 
 @dataclass
 class LoraConfig:
-    """Low-rank adapters for finetuning (merged into the weights before saving; see selfreplay.lora)."""
+    """Low-rank adapters; the teacher is the base weights with the adapters off."""
 
-    r: int = _f(0, "adapter rank (0 = off: full finetuning)")
-    alpha: float = _f(16.0, "adapter scale alpha (the update is B @ A * alpha / r)")
-    dropout: float = _f(0.0, "dropout on the adapter's input")
-    targets: list = _f(["qkv", "out", "up", "down"], "Linear layers to adapt (model.py: qkv, out, up, down, head)")
+    r: int = _f(0, "adapter rank (0: full finetuning with a frozen teacher copy)", FINETUNE)
+    alpha: Optional[float] = _f(None, "scale alpha (update B·A·alpha/r): r (built-in GPT, the paper's) / 2r "
+                                      "(Hugging Face)", FINETUNE)
+    dropout: float = _f(0.0, "dropout on the adapters' input", FINETUNE)
+    targets: list = _f([], "layers to adapt: qkv,out,up,down (built-in GPT) / all-linear (Hugging Face)", FINETUNE)
+
+
+@dataclass
+class DistributedConfig:
+    """How ranks under torchrun share the model."""
+
+    strategy: str = _f("ddp", "ddp (replicated) | fsdp (FSDP2 fully_shard per block)")
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable training checkpoints (--resume) and the saved model."""
+
+    every_tokens: Optional[int] = _f(None, "save a resumable checkpoint every this many tokens")
+    every_steps: Optional[int] = _f(None, "save a resumable checkpoint every this many optimizer steps")
+    merge_lora: bool = _f(True, "LoRA: save merged weights (false, Hugging Face: the adapter only)", FINETUNE)
 
 
 @dataclass
 class LogConfig:
-    """Where metrics go besides metrics.jsonl."""
+    """Where metrics go besides metrics.jsonl, and the progress display."""
 
-    progress: bool = _f(True, "show a progress bar with the live loss")
+    progress: bool = _f(True, "progress bar (a plain line every progress_every_s when output is not a terminal)")
+    progress_every_s: float = _f(30.0, "seconds between progress lines when output is not a terminal")
     wandb: bool = _f(False, "log to Weights & Biases (pip install wandb)")
     wandb_project: str = _f("selfreplay", "wandb project name")
     tensorboard: bool = _f(False, "log to TensorBoard in <run_dir>/tb (pip install tensorboard)")
@@ -136,54 +206,73 @@ class LogConfig:
 class TrainConfig:
     """One pretraining or finetuning run."""
 
-    run_dir: str = _f("", "output directory (weights, config, metrics)")
-    init_from: Optional[str] = _f(None, "checkpoint run directory to start from (finetuning); its model config is used")
-    seed: int = _f(0, "seed for weight init and replay sampling (data order: data.seed)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    run_dir: str = _f("", "output directory (weights, config, metrics, checkpoints)")
+    seed: int = _f(0, "seed of weight init, LoRA init and replay sampling (data order: data.seed)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
-    compile: bool = _f(True, "torch.compile the model on CUDA")
-    checkpoint_every_tokens: Optional[int] = _f(None, "save a resumable training checkpoint every this many tokens")
-    model: ModelConfig = _sub(ModelConfig, "architecture (ignored when init_from is set)")
+    compile: str = _f("auto", "torch.compile the model: auto (on CUDA) | true | false")
+    threads: Optional[int] = _f(None, "CPU threads (default: 1 for models under 20M parameters, else torch's)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (per rank)")
+    gradient_checkpointing: bool = _f(False, "recompute blocks in backward to save memory")
+    loss_chunk_size: Optional[int] = _f(None, "positions whose logits exist at once in the losses (default: all "
+                                              "below a 32k vocabulary, else 1024)")
+    model: ModelConfig = _sub(ModelConfig, "the model")
+    teacher: TeacherConfig = _sub(TeacherConfig, "frozen teacher", FINETUNE)
     data: DataConfig = _sub(DataConfig, "training data")
     optim: OptimConfig = _sub(OptimConfig, "optimizer and schedule")
     stop: StopConfig = _sub(StopConfig, "stop criteria")
-    replay: ReplayConfig = _sub(ReplayConfig, "forgetting penalty")
+    replay: ReplayConfig = _sub(ReplayConfig, "forgetting penalty", FINETUNE)
     eval: EvalConfig = _sub(EvalConfig, "evaluation")
-    lora: LoraConfig = _sub(LoraConfig, "low-rank adapters (finetuning only)")
+    lora: LoraConfig = _sub(LoraConfig, "low-rank adapters", FINETUNE)
+    distributed: DistributedConfig = _sub(DistributedConfig, "multi-GPU")
+    checkpoint: CheckpointConfig = _sub(CheckpointConfig, "checkpoints")
     log: LogConfig = _sub(LogConfig, "logging")
 
 
+# Keys of earlier versions: a one-line error names the new place.
+MOVED_KEYS = {
+    "init_from": "model.model_name_or_path", "model_name_or_path": "model.model_name_or_path",
+    "tokenizer_name_or_path": "model.tokenizer_name_or_path", "torch_dtype": "model.dtype",
+    "trust_remote_code": "model.trust_remote_code", "batch_size": "data.batch_size",
+    "checkpoint_every_tokens": "checkpoint.every_tokens", "checkpoint_every_steps": "checkpoint.every_steps",
+    "save.merge_lora": "checkpoint.merge_lora", "save": "checkpoint", "data.valid_rows": "data.valid_examples",
+    "eval.max_rows": "eval.max_tokens (tokens, not rows)", "lora.target_modules": "lora.targets",
+}
+
 C = TypeVar("C")
-
-
-def _suggest(key: str, cls: type) -> str:
-    """' (did you mean X?)' for the closest valid dotted key, or ''."""
-    close = difflib.get_close_matches(key, list(config_keys(cls)), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def config_keys(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
     """Every dotted leaf key of a config dataclass, with its field."""
     keys: dict[str, dataclasses.Field] = {}
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type in _NESTED):
-            keys.update(config_keys(_NESTED.get(f.type, f.type), name + "."))
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for name, f in hints.items():
+        sub = _NESTED.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if sub is not None:
+            keys.update(config_keys(sub, prefix + name + "."))
         else:
-            keys[name] = f
+            keys[prefix + name] = f
     return keys
 
 
-_NESTED: dict[str, type] = {}
+_NESTED = {c.__name__: c for c in (ModelConfig, TeacherConfig, DataConfig, OptimConfig, StopConfig, ReplayConfig,
+                                   EvalConfig, LoraConfig, DistributedConfig, CheckpointConfig, LogConfig)}
 
 
-def _register_nested(*classes: type) -> None:
-    for c in classes:
-        _NESTED[c.__name__] = c
+def _key_error(origin: str, key: str, cls: type) -> SelfReplayError:
+    moved = next((new for old, new in MOVED_KEYS.items() if key == old or key.startswith(old + ".")), None)
+    if moved is not None:
+        return SelfReplayError(f"{origin}: '{key}' has moved to '{moved}'")
+    close = difflib.get_close_matches(key, list(config_keys(cls)), n=1)
+    return SelfReplayError(f"{origin}: unknown config key '{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
 
 
-_register_nested(ModelConfig, DataConfig, OptimConfig, StopConfig, ReplayConfig, EvalConfig, LoraConfig,
-                 LogConfig)
+def _flat_keys(layer: Any, prefix: str = "") -> list[str]:
+    """The dotted leaf keys a YAML / override layer sets."""
+    out = []
+    for k, v in layer.items_ex(resolve=False):
+        out += _flat_keys(v, f"{prefix}{k}.") if OmegaConf.is_dict(v) else [f"{prefix}{k}"]
+    return out
 
 
 def load_config(cls: type[C], files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = (),
@@ -192,26 +281,36 @@ def load_config(cls: type[C], files: list[str] | tuple[str, ...] = (), overrides
     schema = OmegaConf.structured(cls)
     layers: list[tuple[str, Any]] = []
     if base:
-        layers.append(("base", base))
+        layers.append(("base", OmegaConf.create(base)))
     for path in files:
         p = Path(path)
         if not p.is_file():
             raise SelfReplayError(f"config file {path}: not found")
         try:
-            layers.append((path, OmegaConf.load(p)))
-        except Exception as e:  # yaml errors carry multi-line context
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # yaml errors carry multi-line context
             raise SelfReplayError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise SelfReplayError(f"config file {path}: expected a mapping of keys at the top level, got a "
+                                  f"{'list' if isinstance(raw, list) else 'scalar'}")
+        layers.append((f"config file {path}", OmegaConf.create(raw or {})))
     for item in overrides:
         if "=" not in item:
             raise SelfReplayError(f"override {item!r}: expected key.sub=value")
-        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        try:
+            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except Exception as e:
+            raise SelfReplayError(f"override {item!r}: {str(e).splitlines()[0]}") from None
     merged = schema
+    valid = set(config_keys(cls))
     for origin, layer in layers:
+        for key in _flat_keys(layer):
+            if key not in valid and not any(v.startswith(key + ".") for v in valid):
+                raise _key_error(origin, key, cls)
         try:
             merged = OmegaConf.merge(merged, layer)
         except oc_errors.ConfigKeyError as e:
-            key = getattr(e, "full_key", None) or str(e).splitlines()[0]
-            raise SelfReplayError(f"{origin}: unknown config key '{key}'{_suggest(str(key), cls)}") from None
+            raise _key_error(origin, str(getattr(e, "full_key", None) or str(e).splitlines()[0]), cls) from None
         except oc_errors.ValidationError as e:
             key = getattr(e, "full_key", "?")
             raise SelfReplayError(f"{origin}: bad value for '{key}': {str(e).splitlines()[0]}") from None
@@ -221,7 +320,6 @@ def load_config(cls: type[C], files: list[str] | tuple[str, ...] = (), overrides
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """Plain nested dict of a config dataclass."""
     return dataclasses.asdict(cfg)
 
 
@@ -229,72 +327,22 @@ def config_to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def describe_config(cls: type) -> str:
-    """One line per dotted key: name, default and help; used as ``--help`` text."""
+def describe_config(cls: type, command: Optional[str] = None) -> str:
+    """``--help`` text: one line per key (``key=default  # help``), grouped by section, only the keys that apply
+    to ``command`` (pretrain / finetune)."""
     defaults = config_to_dict(cls())
-    lines = []
+    lines, section = [], None
+    sections = {f.name: f.metadata.get("only") for f in dataclasses.fields(cls)}
     for key, f in config_keys(cls).items():
+        top = key.split(".")[0]
+        only = f.metadata.get("only") or sections.get(top)
+        if command is not None and only not in (None, command):
+            continue
+        if "." in key and top != section:
+            section = top
+            lines.append(f"[{section}]")
         value: Any = defaults
         for part in key.split("."):
             value = value[part]
         lines.append(f"{key}={value!r}  # {f.metadata.get('help', '')}")
     return "\n".join(lines)
-
-
-LENGTH_CRITERIA = ("tokens", "tokens_per_param", "epochs", "steps")
-
-
-def validate_train_config(cfg: TrainConfig, finetune: bool) -> None:
-    """Cross-field checks that the type system cannot express."""
-    stop = cfg.stop
-    given = [k for k in LENGTH_CRITERIA if getattr(stop, k) is not None]
-    if len(given) > 1:
-        raise SelfReplayError(f"stop: conflicting length criteria {', '.join('stop.' + k for k in given)}; give one")
-    if not given and all(getattr(stop, k) is None for k in ("target_loss", "max_time", "early_stop_evals")):
-        raise SelfReplayError("stop: no stop criterion; set one of stop.tokens / tokens_per_param / epochs / steps / "
-                              "target_loss / max_time / early_stop_evals")
-    for k in LENGTH_CRITERIA + ("max_time", "early_stop_evals"):
-        v = getattr(stop, k)
-        if v is not None and v <= 0:
-            raise SelfReplayError(f"stop.{k}={v}: must be positive")
-    if cfg.optim.schedule not in ("constant", "cosine"):
-        raise SelfReplayError(f"optim.schedule={cfg.optim.schedule!r}: expected constant or cosine")
-    if cfg.optim.schedule == "cosine" and not given:
-        raise SelfReplayError("optim.schedule=cosine needs a length criterion (stop.tokens/tokens_per_param/epochs/steps)")
-    if cfg.optim.name not in ("adamw", "sgd"):
-        raise SelfReplayError(f"optim.name={cfg.optim.name!r}: expected adamw or sgd")
-    if cfg.optim.lr <= 0:
-        raise SelfReplayError(f"optim.lr={cfg.optim.lr}: must be positive")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise SelfReplayError(f"precision={cfg.precision!r}: expected auto, fp32 or bf16")
-    if not cfg.data.train:
-        raise SelfReplayError("data.train: no training corpus given (a directory written by `selfreplay tokenize`)")
-    if not cfg.run_dir:
-        raise SelfReplayError("run_dir: no output directory given")
-    if cfg.data.batch_size <= 0:
-        raise SelfReplayError(f"data.batch_size={cfg.data.batch_size}: must be positive")
-    if not 0.0 <= cfg.data.mix_fraction < 1.0:
-        raise SelfReplayError(f"data.mix_fraction={cfg.data.mix_fraction}: expected a fraction in [0, 1)")
-    if cfg.data.mix_fraction > 0 and not cfg.data.mix:
-        raise SelfReplayError("data.mix_fraction > 0 needs data.mix (a tokenized corpus directory)")
-    r = cfg.replay
-    if r.method not in ("none", "kl", "ntp", "kl_downstream", "replace"):
-        raise SelfReplayError(f"replay.method={r.method!r}: expected none, kl, ntp, kl_downstream or replace")
-    if r.divergence not in ("forward_kl", "reverse_kl", "jsd"):
-        raise SelfReplayError(f"replay.divergence={r.divergence!r}: expected forward_kl, reverse_kl or jsd")
-    if not 0.0 < r.jsd_beta < 1.0:
-        raise SelfReplayError(f"replay.jsd_beta={r.jsd_beta}: expected a value in (0, 1)")
-    if r.method == "replace" and not 0.0 < r.fraction < 1.0:
-        raise SelfReplayError(f"replay.fraction={r.fraction}: expected a fraction in (0, 1)")
-    if r.method != "none" and not finetune:
-        raise SelfReplayError(f"replay.method={r.method}: replay needs a teacher; use `selfreplay finetune` with init_from")
-    if r.method in ("kl", "ntp") and r.batch_size <= 0:
-        raise SelfReplayError(f"replay.batch_size={r.batch_size}: must be positive")
-    if r.temperature <= 0:
-        raise SelfReplayError(f"replay.temperature={r.temperature}: must be positive")
-    if cfg.lora.r < 0:
-        raise SelfReplayError(f"lora.r={cfg.lora.r}: must be >= 0 (0 = off)")
-    if cfg.lora.r > 0 and not finetune:
-        raise SelfReplayError("lora.r > 0: adapters are for finetuning; use `selfreplay finetune` with init_from")
-    if finetune and not cfg.init_from:
-        raise SelfReplayError("init_from: finetuning needs a checkpoint run directory")

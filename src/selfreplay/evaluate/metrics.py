@@ -1,0 +1,192 @@
+"""Forgetting metrics, and metrics.jsonl.
+
+:func:`score` measures a model on held-out rows of either kind of data: the mean next-token loss over target
+tokens, the loss over the second half of positions (less dominated by the short-context start), the next-token
+accuracy, and with a teacher its own loss on the same tokens and KL(teacher || model). Forgetting is the increase
+of the old-distribution loss over the teacher's (the model before finetuning) on the same rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from selfreplay.data.batch import Batch
+from selfreplay.errors import SelfReplayError
+from selfreplay.replay.losses import position_sum, token_divergence
+from selfreplay.train.files import dumps
+
+log = logging.getLogger(__name__)
+METRICS = "metrics.jsonl"
+_SUMS = ("nll", "nll_half", "correct", "kl", "teacher_nll", "count", "count_half")
+
+
+def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], teacher_head, chunk_size) -> torch.Tensor:
+    """[nll, nll over the second half, correct, kl, teacher nll, count, count of the second half] of one batch.
+
+    ``teacher`` is the teacher's logits, or with ``teacher_head`` its hidden states (logits made chunk by chunk).
+    """
+    T = tokens.shape[1]
+    half = torch.zeros_like(mask)
+    half[:, T // 2:] = 1.0
+    sums = []
+
+    def nll(logits, y, *t):
+        return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+
+    def correct(logits, y, *t):
+        return (logits.argmax(-1) == y).float()
+
+    sums.append(position_sum(hidden, head, tokens, mask, nll, chunk_size=chunk_size))
+    sums.append(position_sum(hidden, head, tokens, mask * half, nll, chunk_size=chunk_size))
+    sums.append(position_sum(hidden, head, tokens, mask, correct, chunk_size=chunk_size))
+    if teacher is not None:
+        logits_of = (lambda t: teacher_head(t).to(hidden.device)) if teacher_head is not None else (lambda t: t)
+        kl = lambda logits, y, t: token_divergence(logits, logits_of(t))  # noqa: E731
+        t_nll = lambda logits, y, t: F.cross_entropy(logits_of(t).float().flatten(0, -2), y.flatten(),  # noqa: E731
+                                                      reduction="none").view(y.shape)
+        sums.append(position_sum(hidden, head, tokens, mask, kl, teacher, chunk_size=chunk_size))
+        sums.append(position_sum(hidden, head, tokens, mask, t_nll, teacher, chunk_size=chunk_size))
+    else:
+        sums += [hidden.new_zeros((), dtype=torch.float32)] * 2
+    sums += [mask[:, 1:].sum(), (mask * half)[:, 1:].sum()]
+    return torch.stack([s.double() for s in sums])
+
+
+@torch.no_grad()
+def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast: Optional[Callable] = None,
+          chunk_size: Optional[int] = None, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Loss, second-half loss, accuracy (and with a teacher: its loss and KL) over every target token.
+
+    ``batches`` are global batches; each rank scores rows rank, rank+world, ... and the sums are added over ranks
+    (every rank makes the same number of forward calls, as FSDP's collectives need).
+    """
+    from selfreplay.train.distributed import reduce_sum
+
+    autocast = autocast or contextlib.nullcontext
+    total = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            part = batch.rows(slice(rank, None, world)) if world > 1 else batch
+            weight = 1.0
+            if len(part) == 0:  # this rank's share of the last batch is empty: a weightless row
+                part, weight = batch.rows(slice(0, 1)), 0.0
+            part = part.to(device, non_blocking=True)
+            mask = part.mask() * weight
+            with autocast():
+                t_out, t_head = None, None
+                if teacher is not None and chunk_size is None:
+                    t_out = teacher(part.tokens, position_ids=part.position_ids)
+                elif teacher is not None:
+                    t_out, t_head = teacher.hidden_and_head(part.tokens, position_ids=part.position_ids)
+                total += model(part.tokens, position_ids=part.position_ids, head_fn=_batch_sums, tokens=part.tokens,
+                               mask=mask, teacher=t_out, teacher_head=t_head, chunk_size=chunk_size)
+    finally:
+        model.train(was_training)
+    s = dict(zip(_SUMS, reduce_sum(total).tolist()))
+    if s["count"] == 0:
+        raise SelfReplayError("evaluation: no held-out target tokens (set data.valid_tokens / data.valid_examples "
+                              "> 0)")
+    out = {"loss": s["nll"] / s["count"], "loss_second_half": s["nll_half"] / max(s["count_half"], 1.0),
+           "accuracy": s["correct"] / s["count"]}
+    if teacher is not None:
+        out.update(kl=s["kl"] / s["count"], teacher_loss=s["teacher_nll"] / s["count"])
+    return out
+
+
+@torch.no_grad()
+def parameter_norms(params: dict[str, torch.Tensor], teacher: Optional[dict[str, torch.Tensor]] = None,
+                    init: Optional[dict[str, torch.Tensor]] = None) -> dict[str, float]:
+    """Weight norm; with a teacher, drift = ‖θ − teacher‖ / ‖teacher − init‖ (the finetuning move relative to the
+    pretraining move); without one, ‖θ − init‖."""
+    def norm(tensors) -> torch.Tensor:
+        return torch.sqrt(sum((t.float() ** 2).sum() for t in tensors))
+
+    out = {"weight_norm": norm(params.values()).item()}
+    if teacher is not None:
+        moved = norm(params[k] - teacher[k].to(params[k].device) for k in params).item()
+        out["dist_to_teacher"] = moved
+        if init is not None:
+            pre = norm(teacher[k].float() - init[k].to(teacher[k].device).float() for k in params).item()
+            out["drift"] = moved / pre if pre > 0 else float("nan")
+    elif init is not None:
+        out["dist_to_init"] = norm(p - init[k].to(p.device) for k, p in params.items()).item()
+    return out
+
+
+def read_metrics(run_dir, warn: bool = True) -> list[dict]:
+    """The records of a run's metrics.jsonl; a torn or garbage line (a kill or a full disk during an append) and
+    everything after it is dropped with a warning."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if warn:
+                log.warning("%s: line %d is torn or not JSON; dropping it and what follows", path, i)
+            break
+        records.append(record)
+    return records
+
+
+class MetricsLogger:
+    """Appends one JSON record per line to metrics.jsonl (non-finite numbers as null); mirrors to wandb /
+    TensorBoard when enabled. ``keep_until_step`` (resuming) first drops records written after that step."""
+
+    def __init__(self, run_dir, wandb: bool = False, wandb_project: str = "selfreplay", tensorboard: bool = False,
+                 config: Optional[dict] = None, keep_until_step: Optional[int] = None):
+        from selfreplay.train.files import atomic_write
+
+        self.path = Path(run_dir) / METRICS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [] if keep_until_step is None else [r for r in read_metrics(run_dir)
+                                                   if r.get("step", 0) <= keep_until_step]
+        atomic_write(self.path, "".join(dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a", encoding="utf-8")
+        self._wandb = self._tb = None
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                raise SelfReplayError("log.wandb=true needs wandb: pip install wandb") from None
+            self._wandb = wandb_lib.init(project=wandb_project, dir=str(run_dir), config=config,
+                                         name=Path(run_dir).name, resume="allow")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SelfReplayError("log.tensorboard=true needs tensorboard: pip install tensorboard") from None
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(dumps(record) + "\n")
+        self._file.flush()
+        step = record.get("step", 0)
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,1 @@
+"""Other training libraries using the same replay penalty: TRL's SFTTrainer (:mod:`.trl`)."""

@@ -1,0 +1,312 @@
+"""TRL drop-in: ``SelfReplaySFTTrainer``, TRL's SFTTrainer plus the replay penalty against forgetting.
+
+For people who already finetune with TRL, switching is a few lines::
+
+    from selfreplay.integrations.trl import SelfReplayConfig, SelfReplaySFTTrainer
+
+    args = SelfReplayConfig(output_dir="out", learning_rate=1e-5, replay_coeff=1.0, replay_batch_size=32)
+    trainer = SelfReplaySFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+
+Each optimizer step adds ``replay_coeff`` × (forward KL from the teacher, or next-token loss) on replay sequences
+to TRL's own SFT loss, computed by the same :class:`~selfreplay.replay.penalty.ReplayPenalty` as ``selfreplay
+finetune``. The teacher is the model as it is when the trainer is built: a frozen copy, or for a PEFT
+model the base with its adapters switched off (no copy). Replay is sampled from the teacher itself
+(``replay_source="self"``: prompted only with BOS, temperature 1, the paper's recipe) or read from old data
+(a ``datasets.Dataset``, a data file/hub id, or a replay corpus written by ``selfreplay generate --model``).
+The replay term is logged as ``replay_loss`` next to TRL's metrics.
+
+Replay settings live on :class:`SelfReplayConfig` (TRL's ``SFTConfig`` with ``replay_*`` fields, so they show up
+in ``HfArgumentParser`` command lines and in saved training arguments); keyword arguments of the trainer override
+them, which also lets a plain ``SFTConfig`` be used unchanged.
+
+TRL is an optional extra imported only when the classes are first used: this module imports without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from selfreplay.errors import SelfReplayError
+
+TRL_MISSING = "SelfReplaySFTTrainer needs extras: pip install 'selfreplay[trl]'"
+IN_MEMORY_SOURCE = "<in-memory dataset>"  # replay_source when the trainer was given a Dataset object
+REPLAY_METHODS = ("kl", "ntp")
+REPLAY_PROMPTS = ("bos", "chat")
+
+
+def _f(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})  # HfArgumentParser passes metadata on
+
+
+@dataclass
+class ReplaySettings:
+    """The replay options of :class:`SelfReplayConfig` (also usable on their own, e.g. with a plain SFTConfig)."""
+
+    replay_coeff: float = _f(1.0, "weight c of the replay term: loss = SFT loss + c * replay loss (0: off)")
+    replay_method: str = _f("kl", "kl: KL(teacher || model) on replay; ntp: next-token loss on replay")
+    replay_divergence: str = _f("forward_kl", "forward_kl (the paper's), reverse_kl or jsd, for replay_method=kl")
+    replay_source: str = _f("self", "self: sampled from the teacher; else old data: a data file, hub dataset id or "
+                                    "a `selfreplay generate` replay corpus directory")
+    replay_batch_size: int = _f(32, "replay sequences per optimizer step over all processes, split evenly (rounded "
+                                    "up) over the processes and the gradient accumulation steps")
+    replay_length: Optional[int] = _f(None, "tokens per replay sequence (default: max_length, else 512)")
+    replay_prompt: str = _f("bos", "self-generated replay prompt: bos (BOS only, the paper's) or chat")
+    replay_buffer: int = _f(32, "optimizer steps of self-generated replay sampled at once")
+    replay_temperature: float = _f(1.0, "sampling temperature of self-generated replay (1: the teacher's own)")
+    replay_text_field: str = _f("text", "text column of old-data replay")
+    replay_split: str = _f("train", "split of a hub dataset replay source")
+    replay_seed: Optional[int] = _f(None, "seed of the replay stream (default: the training seed)")
+    loss_chunk_size: int = _f(1024, "positions per chunk of the replay loss (the full logits are never built)")
+
+    def check(self) -> "ReplaySettings":
+        """Raise a one-line SelfReplayError naming the first bad option."""
+        if not isinstance(self.replay_coeff, (int, float)) or not self.replay_coeff >= 0:
+            raise SelfReplayError(f"replay_coeff={self.replay_coeff!r}: expected a number >= 0")
+        if self.replay_method not in REPLAY_METHODS:
+            raise SelfReplayError(f"replay_method={self.replay_method!r}: expected one of {list(REPLAY_METHODS)}")
+        from selfreplay.replay.losses import DIVERGENCES
+
+        if self.replay_divergence not in DIVERGENCES:
+            raise SelfReplayError(f"replay_divergence={self.replay_divergence!r}: expected one of "
+                                  f"{list(DIVERGENCES)}")
+        if self.replay_prompt not in REPLAY_PROMPTS:
+            raise SelfReplayError(f"replay_prompt={self.replay_prompt!r}: expected one of {list(REPLAY_PROMPTS)}")
+        for name in ("replay_batch_size", "replay_buffer", "loss_chunk_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise SelfReplayError(f"{name}={getattr(self, name)!r}: expected a positive integer")
+        if self.replay_length is not None and (not isinstance(self.replay_length, int) or self.replay_length < 2):
+            raise SelfReplayError(f"replay_length={self.replay_length!r}: expected an integer >= 2")
+        if not self.replay_temperature > 0:
+            raise SelfReplayError(f"replay_temperature={self.replay_temperature!r}: expected a number > 0")
+        return self
+
+
+REPLAY_FIELDS = tuple(f.name for f in dataclasses.fields(ReplaySettings))
+
+
+# ------------------------------------------------------------------------------------------- the TRL classes
+
+_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    """Build the TRL subclasses on first use, so that importing this module needs no TRL."""
+    if name in ("SelfReplayConfig", "SelfReplaySFTTrainer"):
+        if not _CLASSES:
+            _build_classes()
+        return _CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _import_trl():
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ImportError:
+        raise SelfReplayError(TRL_MISSING) from None
+    return SFTConfig, SFTTrainer
+
+
+def _build_classes() -> None:
+    SFTConfig, SFTTrainer = _import_trl()
+
+    config_fields = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+                     for f in dataclasses.fields(ReplaySettings)]
+
+    def __post_init__(self) -> None:
+        SFTConfig.__post_init__(self)
+        _settings_from(self).check()
+
+    SelfReplayConfig = dataclasses.make_dataclass(
+        "SelfReplayConfig", config_fields, bases=(SFTConfig,), namespace={"__post_init__": __post_init__})
+    SelfReplayConfig.__doc__ = ("TRL's SFTConfig plus the replay options of selfreplay.trl_trainer.ReplaySettings "
+                                "(replay_coeff, replay_method, replay_source, replay_batch_size, ...).")
+
+    class SelfReplaySFTTrainer(_ReplayMixin, SFTTrainer):
+        __doc__ = _ReplayMixin.__doc__
+
+    for cls in (SelfReplayConfig, SelfReplaySFTTrainer):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__  # picklable as selfreplay.trl_trainer.<name>
+    _CLASSES.update(SelfReplayConfig=SelfReplayConfig, SelfReplaySFTTrainer=SelfReplaySFTTrainer)
+
+
+def _settings_from(args, overrides: Optional[dict] = None) -> ReplaySettings:
+    """Replay settings from ``args`` (any fields it has), then explicit non-None ``overrides``."""
+    values = {name: getattr(args, name) for name in REPLAY_FIELDS if hasattr(args, name)}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return ReplaySettings(**values)
+
+
+class _ReplayMixin:
+    """TRL's SFTTrainer with the replay penalty: loss = SFT loss + replay_coeff · replay loss.
+
+    Takes every SFTTrainer argument, and keyword arguments ``replay_*`` / ``loss_chunk_size`` that override the
+    config's (see :class:`ReplaySettings`); ``replay_source`` may also be a ``datasets.Dataset`` of old data.
+    The teacher is the model at construction: adapters disabled for a PEFT model, a frozen copy otherwise
+    (``teacher_dtype`` sets the copy's dtype, e.g. torch.bfloat16 to halve its memory).
+
+    ``replay_batch_size`` is global, as the engine's: split over the processes and the accumulation micro-steps
+    (rounded up); each micro-step's replay sum is divided by its target tokens times the micro-steps, so the
+    penalty does not depend on the accumulation. The replay forward runs under the trainer's autocast, like the SFT
+    loss. ``replay_loss`` is logged beside TRL's loss, gathered once per logging step (no sync per micro-step).
+    Evaluation reports the SFT loss alone. The replay stream is not part of checkpoints: a resumed run continues
+    with fresh samples.
+
+    Runs on one device or data-parallel (``torchrun`` / ``accelerate launch``: DDP, each process sampling its own
+    replay with seed + 1000·rank); FSDP and DeepSpeed ZeRO-3 are refused (the replay forward needs unsharded
+    weights).
+    """
+
+    def __init__(self, model, args=None, *positional, replay_coeff: Optional[float] = None,
+                 replay_method: Optional[str] = None, replay_divergence: Optional[str] = None,
+                 replay_source: Any = None, replay_batch_size: Optional[int] = None,
+                 replay_length: Optional[int] = None, replay_prompt: Optional[str] = None,
+                 replay_buffer: Optional[int] = None, replay_temperature: Optional[float] = None,
+                 replay_text_field: Optional[str] = None, replay_split: Optional[str] = None,
+                 replay_seed: Optional[int] = None, loss_chunk_size: Optional[int] = None,
+                 teacher_dtype=None, **kwargs):
+        overrides = dict(replay_coeff=replay_coeff, replay_method=replay_method,
+                         replay_divergence=replay_divergence, replay_batch_size=replay_batch_size,
+                         replay_length=replay_length, replay_prompt=replay_prompt, replay_buffer=replay_buffer,
+                         replay_temperature=replay_temperature, replay_text_field=replay_text_field,
+                         replay_split=replay_split, replay_seed=replay_seed, loss_chunk_size=loss_chunk_size)
+        source_object = None
+        if replay_source is not None and not isinstance(replay_source, (str, os.PathLike)):
+            source_object = replay_source  # a datasets.Dataset (or a list of records) of old data
+            replay_source = IN_MEMORY_SOURCE
+        overrides["replay_source"] = None if replay_source is None else str(replay_source)
+        self.replay_settings = _settings_from(args, overrides).check()
+        super().__init__(model, args, *positional, **kwargs)
+        self._replay_source_object = source_object
+        self.teacher = self.penalty = None
+        self._replay_sum, self._replay_steps = None, 0
+        if self.replay_settings.replay_coeff > 0:
+            self._check_parallelism()
+            self._build_penalty(teacher_dtype)
+
+    def _check_parallelism(self) -> None:
+        """The replay forward calls the decoder directly: fine for one device and DDP, not for sharded weights."""
+        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if getattr(self, "is_fsdp_enabled", False) or (deepspeed is not None and deepspeed.zero_stage == 3):
+            raise SelfReplayError("SelfReplaySFTTrainer: FSDP and DeepSpeed ZeRO-3 are not supported (the replay "
+                                  "term needs unsharded weights); use DDP or ZeRO-1/2, or `selfreplay finetune` "
+                                  "with distributed.strategy=fsdp")
+
+    def _build_penalty(self, teacher_dtype) -> None:
+        from selfreplay.models.core import CausalLM, Teacher
+        from selfreplay.models.hf import HF_ADAPTER, peft_model
+        from selfreplay.replay.penalty import ReplayPenalty
+
+        s = self.replay_settings
+        net = self.accelerator.unwrap_model(self.model)
+        self.replay_model = CausalLM(net, HF_ADAPTER)  # the student, seen through the engine's model interface
+        if peft_model(net) is not None:
+            self.teacher = Teacher.adapters_off(self.replay_model)
+        else:
+            self.teacher = Teacher.frozen_copy(self.replay_model, teacher_dtype)
+            # SFTTrainer patches the instance's forward (fused LM head) with a closure over the *student's*
+            # original forward; the copy would sample through it, so restore the class's forward.
+            self.teacher.module.net.__dict__.pop("forward", None)
+        self.penalty = ReplayPenalty(s.replay_method, s.replay_coeff, self.teacher, source=_LazySource(self),
+                                     divergence=s.replay_divergence, chunk_size=s.loss_chunk_size)
+
+    # ------------------------------------------------------------------------------------------- replay data
+    def _replay_tokenizer(self):
+        """The tokenizer (of a processor too): what replay is sampled and tokenized with."""
+        return getattr(self, "_tokenizer", None) or getattr(self.processing_class, "tokenizer", self.processing_class)
+
+    def replay_rows_per_micro_step(self) -> int:
+        per = max(1, self.args.gradient_accumulation_steps) * max(1, self.args.world_size)
+        return math.ceil(self.replay_settings.replay_batch_size / per)
+
+    def replay_length(self) -> int:
+        s = self.replay_settings
+        return s.replay_length or getattr(self.args, "max_length", None) or 512
+
+    def _build_replay(self):
+        """The replay source: self-generated by the teacher (this process's rows), or rows of old data."""
+        from selfreplay.replay.sources import DataReplay, SelfGeneratedReplay, StoredReplay
+
+        s, rows = self.replay_settings, self.replay_rows_per_micro_step()
+        rank, world = self.args.process_index, self.args.world_size
+        seed = self.args.seed if s.replay_seed is None else s.replay_seed
+        tokenizer = self._replay_tokenizer()
+        if s.replay_source == "self":
+            from selfreplay.replay.prompts import Prompts, tokenizer_prompt
+
+            self._replay_per_process = True
+            return SelfGeneratedReplay(self.teacher, Prompts([tokenizer_prompt(tokenizer, s.replay_prompt)]), rows,
+                                       self.replay_length(), s.replay_buffer * max(1, self.args.gradient_accumulation_steps),
+                                       s.replay_temperature, seed=seed + 1000 * rank,
+                                       keep_targets=s.replay_method == "kl")
+        self._replay_per_process = False  # every process reads the same rows and takes its share
+        source = self._replay_source_object if self._replay_source_object is not None else s.replay_source
+        if isinstance(source, str) and (Path(source) / "meta.json").is_file():
+            return StoredReplay(source, rows * world, s.replay_length, seed,  # default: the stored length
+                                vocab_size=self.replay_model.vocab_size)
+        from selfreplay.data.rows import RowLoader
+        from selfreplay.data.text import tokenize_source
+
+        examples, fmt = tokenize_source(source, tokenizer, s.replay_split, s.replay_text_field)
+        return DataReplay(RowLoader(examples, fmt, self.replay_length(), int(tokenizer.pad_token_id), rows * world,
+                                    seed, where=f"replay_source {s.replay_source}"))
+
+    def next_replay(self):
+        """This process's replay rows for one micro-step, on the training device."""
+        batch = self.penalty.source.inner.next_batch()
+        if not self._replay_per_process and self.args.world_size > 1:
+            batch = batch.rows(slice(self.args.process_index, None, self.args.world_size))
+        return batch.to(self.args.device)
+
+    # ------------------------------------------------------------------------------------------- the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if self.penalty is None or not self.model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        replay = self.next_replay()
+        with self.accelerator.autocast():
+            term = self.penalty.sums(self.replay_model, None, replay)["term"]
+        # TRL's SFT loss is normalised over the whole accumulated batch when num_items_in_batch is given (and the
+        # Trainer then skips its own division): weight this micro-step's replay share the same way
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        term = term / (replay.num_targets().clamp_min(1.0) * steps)
+        loss = loss + self.penalty.coeff * term
+        detached = term.detach() * steps
+        self._replay_sum = detached if self._replay_sum is None else self._replay_sum + detached
+        self._replay_steps += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        """TRL's logging, plus ``replay_loss``: the mean over the micro-steps since the last log (one gather)."""
+        if self._replay_steps and "loss" in logs:
+            mean = self.accelerator.gather_for_metrics(self._replay_sum / self._replay_steps).mean()
+            logs["replay_loss"] = float(mean)
+            self._replay_sum, self._replay_steps = None, 0
+        return super().log(logs, *args, **kwargs)
+
+
+class _LazySource:
+    """The penalty's replay source, built at the first training step (the trainer's args are complete then)."""
+
+    def __init__(self, trainer):
+        self.trainer, self._inner = trainer, None
+
+    @property
+    def inner(self):
+        if self._inner is None:
+            self._inner = self.trainer._build_replay()
+        return self._inner
+
+    def next_batch(self):
+        return self.inner.next_batch()
+
+    @property
+    def sample_seconds(self) -> float:
+        return self._inner.sample_seconds if self._inner is not None else 0.0

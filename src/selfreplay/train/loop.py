@@ -1,0 +1,458 @@
+"""The one training loop: pretraining and finetuning, either model kind, one process or many.
+
+    loss = NTP(new data) + replay.coeff · term          (the term: selfreplay.replay.penalty)
+
+Each optimizer step takes one global batch; under torchrun each rank takes rows rank, rank + world, ... and splits
+them further into ``gradient_accumulation_steps`` micro-batches. Losses are sums over target tokens divided by the
+global token counts, so N ranks and any accumulation make the same update as one process with the whole batch.
+
+The step never waits for the device just to log: losses accumulate on the device and are read every
+``PROGRESS_EVERY`` steps (progress, divergence check) and at evaluations. A SIGINT or SIGTERM is honoured at the
+next step boundary: a checkpoint is written there and the run exits non-zero, resumable bit for bit; a NaN or
+infinite loss stops the run before anything is overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from selfreplay.config import TrainConfig, config_to_dict, config_to_yaml
+from selfreplay.errors import SelfReplayError
+from selfreplay.evaluate.metrics import MetricsLogger, parameter_norms, score
+from selfreplay.progress import progress
+from selfreplay.train import checkpoint as ckpt
+from selfreplay.train import distributed as dist
+from selfreplay.train.build import Parts, chunk_size_for
+from selfreplay.train.files import RunLock, atomic_write, atomic_write_json
+from selfreplay.train.optim import autocast_for, compile_on, lr_factor, make_optimizer
+
+PROGRESS_EVERY = 25
+CONFIG, RUN_INFO, SUMMARY = "config.yaml", "run.json", "summary.json"
+RESUME_IGNORES = ("log", "stop", "eval", "checkpoint", "distributed", "run_dir", "threads")
+
+
+class Interrupted(SelfReplayError):
+    """A run stopped by SIGINT / SIGTERM after writing a checkpoint (exit 128 + signal number)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Diverged(SelfReplayError):
+    """The loss or the weights became NaN / infinite."""
+
+
+@dataclass
+class TrainState:
+    """Counters and running sums that a resumed run restores."""
+
+    step: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+    next_eval_tokens: int = 0
+    next_checkpoint_tokens: int = 0
+    best_valid: float = float("inf")
+    evals_since_best: int = 0
+    prev_teacher_loss: Optional[float] = None  # the old-data loss before finetuning
+    stop_reason: Optional[str] = None
+    steps_since_eval: int = 0
+    sums: dict = field(default_factory=dict)  # metrics summed since the last evaluation (floats when saved)
+
+
+class SignalGuard:
+    """Turns SIGINT / SIGTERM into a flag the loop reads at step boundaries (a second Ctrl-C stops at once)."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "SignalGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Runs one pretraining or finetuning job from its config and its parts (see :func:`build_parts`)."""
+
+    def __init__(self, cfg: TrainConfig, parts: Parts, device: torch.device, resume: bool = False,
+                 on_step: Optional[Callable[[int], None]] = None):
+        self.cfg, self.parts, self.device, self.resume, self.on_step = cfg, parts, device, resume, on_step
+        self.run_dir = Path(cfg.run_dir)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.main = self.rank == 0
+        self.model, self.penalty, self.data, self.teacher = parts.model, parts.penalty, parts.data, parts.teacher
+        self.accum = cfg.gradient_accumulation_steps
+        self.autocast = autocast_for(device, cfg.precision)
+        self.chunk_size = chunk_size_for(cfg, self.model.vocab_size)
+        self.module = dist.wrap_model(self.model, cfg.distributed.strategy, device)
+        if self.teacher is not None:
+            self.teacher.use_forward_module(self.module)
+        self.forward = self.module
+        if compile_on(cfg, self.model, device):
+            self.forward = torch.compile(self.module)
+            if self.teacher is not None and not self.teacher.shares_weights:
+                self.teacher.forward_module = torch.compile(self.teacher.module)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise SelfReplayError("no trainable parameters (check lora.targets)")
+        self.optimizer = make_optimizer(cfg, self.params, device)
+        self.tokens_per_step = cfg.data.batch_size * self.data.seq_len
+        self.total_steps = self._total_steps()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, self.tokens_per_step, cfg.optim.warmup_tokens, cfg.optim.schedule, self.total_steps))
+        self.state = TrainState()
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
+        self.guard = SignalGuard()
+
+    def _total_steps(self) -> Optional[int]:
+        stop = self.cfg.stop
+        if stop.steps is not None:
+            return stop.steps
+        if stop.tokens is not None:
+            return math.ceil(stop.tokens / self.tokens_per_step)
+        if stop.tokens_per_param is not None:
+            counts = self.model.num_params()
+            return math.ceil(stop.tokens_per_param * counts.get("paper", counts["actual"]) / self.tokens_per_step)
+        if stop.epochs is not None:
+            return math.ceil(stop.epochs * self.data.num_train_rows / self.cfg.data.batch_size)
+        return None
+
+    # ------------------------------------------------------------------------------------------ the step
+    def _shard(self, batch):
+        return batch.rows(slice(self.rank, None, self.world)) if self.world > 1 else batch
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over the global batch; returns detached loss parts (this rank's share of the global
+        per-token means: summed over ranks they are the means)."""
+        batch, replay = self.data.next_batch(), self.penalty.next_replay()
+        if self.penalty.method == "replace":
+            from selfreplay.data.batch import cat_rows
+
+            batch, replay = cat_rows([replay, batch], self.parts.pad_id), None
+        batch = self._shard(batch).to(self.device, non_blocking=True)
+        if replay is not None:
+            replay = (replay if self.parts.replay_per_rank else self._shard(replay)).to(self.device, non_blocking=True)
+        term_rows = replay if replay is not None else batch
+        counts = torch.stack((batch.num_targets(), term_rows.num_targets()))
+        totals = dist.reduce_sum(counts).clamp_min(1.0) / self.world  # DDP / FSDP average gradients over ranks
+        acc = torch.zeros(2, device=self.device)
+        rows, r_rows = len(batch) // self.accum, (len(replay) // self.accum if replay is not None else 0)
+        for i in range(self.accum):
+            micro = batch.rows(slice(i * rows, (i + 1) * rows))
+            micro_replay = replay.rows(slice(i * r_rows, (i + 1) * r_rows)) if replay is not None else None
+            with dist.no_sync(self.module, skip=i < self.accum - 1), self.autocast():
+                sums = self.penalty.sums(self.forward, micro, micro_replay)
+                loss = self.penalty.loss(sums, totals[0], totals[1])
+            loss.backward()
+            acc += torch.stack((sums["ntp"].detach().float(), sums["term"].detach().float()))
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        shares = acc / (totals * self.world)
+        parts = {"ntp": shares[0], "loss": shares[0] + self.penalty.coeff * shares[1]}
+        if self.penalty.has_term:
+            parts["replay"] = shares[1]
+        self._finite &= torch.isfinite(parts["loss"])
+        return parts
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def _score(self, loader, teacher):
+        return score(self.forward, loader.valid_batches(self.cfg.eval.batch_size, self.cfg.eval.max_tokens),
+                     teacher, self.device, self.autocast, self.chunk_size, self.rank, self.world)
+
+    def evaluate(self) -> dict:
+        """Held-out metrics of the new data (valid_*) and the old (prev_*, forgetting), drift, extra evaluators."""
+        out: dict = {}
+        valid = self._score(self.data, self.teacher)
+        valid.pop("teacher_loss", None)
+        out.update({f"valid_{k}": v for k, v in valid.items()})
+        if self.parts.prev is not None:
+            prev = self._score(self.parts.prev, self.teacher)
+            if self.state.prev_teacher_loss is None:  # the model before finetuning (step 0)
+                self.state.prev_teacher_loss = prev.get("teacher_loss", prev["loss"])
+            prev.pop("teacher_loss", None)
+            out.update({f"prev_{k}": v for k, v in prev.items()})
+            out["prev_teacher_loss"] = self.state.prev_teacher_loss
+            out["forgetting"] = out["prev_loss"] - self.state.prev_teacher_loss
+        if self.model.kind == "gpt" and not dist.is_fsdp(self.module):
+            out.update(self._norms())
+        if self.parts.evaluators:
+            with torch.no_grad(), self.autocast():
+                for evaluate in self.parts.evaluators:
+                    out.update(evaluate(self.module))
+        return out
+
+    def _norms(self) -> dict:
+        from selfreplay.models.lora import merged_parameters
+
+        teacher = None if self.teacher is None else {  # a LoRA teacher's weights are the student's base weights
+            k: v for k, v in self.teacher.module.net.named_parameters() if "lora_" not in k}
+        return parameter_norms(merged_parameters(self.model.net), teacher, self.parts.init_params)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        lock = self._lock()
+        try:
+            with self.guard:
+                return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _lock(self) -> Optional[RunLock]:
+        """One writer per run directory: rank 0 holds the lock, every rank learns whether it got it."""
+        lock, error = None, None
+        if self.main:
+            try:
+                lock = RunLock(self.run_dir).acquire()
+            except SelfReplayError as e:
+                error = str(e)
+        error = dist.broadcast_object(error)
+        if error:
+            raise SelfReplayError(error)
+        return lock
+
+    def _run(self) -> dict:
+        if self.resume:
+            self._restore()
+        elif self._finished() or ckpt.has_checkpoint(self.run_dir):
+            raise SelfReplayError(f"run_dir {self.run_dir} already holds a run; use --resume or another run_dir")
+        cfg, st = self.cfg, self.state  # after _restore(), which replaces the state
+        if self.main:
+            atomic_write(self.run_dir / CONFIG, config_to_yaml(cfg))
+        logger = MetricsLogger(self.run_dir, cfg.log.wandb, cfg.log.wandb_project, cfg.log.tensorboard,
+                               config_to_dict(cfg), keep_until_step=st.step if self.resume else None) \
+            if self.main else None
+        record: dict = {}
+        try:
+            if st.step == 0 and not self.resume:
+                st.next_checkpoint_tokens = cfg.checkpoint.every_tokens or 0
+                record = self._log_eval(logger)
+            bar = progress(self.total_steps, f"{self.parts.info.get('kind', 'train')} {self.run_dir.name}", "step",
+                           cfg.log.progress and self.main, st.step, cfg.log.progress_every_s)
+            tick = time.perf_counter()
+            window, smoothed = torch.zeros((), device=self.device), None
+            while st.stop_reason is None:
+                self._honour_signal(tick)
+                parts = self.train_step()
+                st.step += 1
+                st.tokens += self.tokens_per_step
+                st.steps_since_eval += 1
+                for k, v in parts.items():
+                    st.sums[k] = st.sums[k] + v if k in st.sums else v
+                window = window + parts["loss"]
+                if self.on_step is not None:
+                    self.on_step(st.step)
+                if st.step % PROGRESS_EVERY == 0:
+                    self._check_finite("training")
+                    mean = float(dist.reduce_sum(window.detach()).item()) / PROGRESS_EVERY
+                    smoothed = mean if smoothed is None else 0.7 * smoothed + 0.3 * mean
+                    bar.set_postfix(loss=f"{smoothed:.3f}", refresh=False)
+                    window = torch.zeros((), device=self.device)
+                bar.update(1)
+                st.stop_reason = self._length_or_time_stop(time.perf_counter() - tick)
+                if self._eval_due() or st.stop_reason is not None:
+                    st.train_time += self._elapsed(tick)
+                    record = self._log_eval(logger)
+                    tick = time.perf_counter()
+                if self._checkpoint_due() and st.stop_reason is None:
+                    st.train_time += self._elapsed(tick)
+                    self.save_checkpoint()
+                    tick = time.perf_counter()
+            bar.close()
+        finally:
+            if logger is not None:
+                logger.close()
+        self._check_finite("training", weights=True)
+        summary = {**record, "stop_reason": st.stop_reason, "steps": st.step, "tokens": st.tokens,
+                   "train_time": st.train_time, "best_valid_loss": st.best_valid,
+                   "prev_loss_before": st.prev_teacher_loss}
+        self._save_final(summary)
+        return summary
+
+    def _finished(self) -> bool:
+        return (self.run_dir / SUMMARY).is_file()
+
+    def _honour_signal(self, tick: float) -> None:
+        """At a step boundary: after SIGINT / SIGTERM, write a checkpoint and stop (all ranks agree)."""
+        received = self.guard.received
+        if self.world > 1:
+            if self.state.step % PROGRESS_EVERY:
+                return
+            received = dist.broadcast_object(received)
+        if received is None:
+            return
+        self.state.train_time += self._elapsed(tick)
+        path = self.save_checkpoint()
+        name = signal.Signals(received).name
+        raise Interrupted(f"stopped by {name} at step {self.state.step}; checkpoint {path} written; continue with: "
+                          f"selfreplay {self.parts.info.get('kind', 'finetune')} --resume run_dir={self.run_dir}",
+                          received)
+
+    def _check_finite(self, where: str, weights: bool = False) -> None:
+        finite = bool(self._finite.item())
+        if finite and weights:
+            finite = all(bool(torch.isfinite(p).all()) for p in self.params)
+        if not finite:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            kept = f"the last good checkpoint {last} is untouched (--resume continues from it)" if last else \
+                "no checkpoint was written"
+            raise Diverged(f"{where} diverged by step {self.state.step}: the loss or the weights are NaN or infinite "
+                           f"(lower optim.lr={self.cfg.optim.lr:g} or set optim.grad_clip); {kept}")
+
+    def _eval_due(self) -> bool:
+        e, st = self.cfg.eval, self.state
+        return st.step % e.every_steps == 0 if e.every_steps else st.tokens >= st.next_eval_tokens
+
+    def _checkpoint_due(self) -> bool:
+        c, st = self.cfg.checkpoint, self.state
+        if c.every_steps:
+            return st.step % c.every_steps == 0
+        return bool(c.every_tokens) and st.tokens >= st.next_checkpoint_tokens
+
+    def _elapsed(self, tick: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - tick
+
+    def _length_or_time_stop(self, running: float) -> Optional[str]:
+        st, stop = self.state, self.cfg.stop
+        if self.total_steps is not None and st.step >= self.total_steps:
+            return "length"
+        if stop.max_time is not None and dist.broadcast_object(st.train_time + running >= stop.max_time):
+            return "max_time"
+        return None
+
+    def _log_eval(self, logger) -> dict:
+        st, cfg = self.state, self.cfg
+        self._check_finite("training")
+        record = {"step": st.step, "tokens": st.tokens, "epoch": self.data.epochs_done, "train_time": st.train_time,
+                  "lr": self.scheduler.get_last_lr()[0], "replay_coeff": self.penalty.coeff}
+        if st.steps_since_eval:
+            keys = sorted(st.sums)
+            values = dist.reduce_sum(torch.stack([torch.as_tensor(st.sums[k], device=self.device).float()
+                                                  for k in keys])) / st.steps_since_eval
+            record.update({f"train_{k}": v for k, v in zip(keys, values.tolist())})
+            record["tokens_per_s"] = st.tokens / st.train_time if st.train_time > 0 else None
+        source = self.penalty.source
+        if source is not None:
+            record["replay_sample_time"] = source.sample_seconds
+        record.update(self.evaluate())
+        if not math.isfinite(record["valid_loss"]):
+            self._finite &= False
+            self._check_finite("evaluation")
+        if logger is not None:
+            logger.log(record)
+        st.sums, st.steps_since_eval = {}, 0
+        st.next_eval_tokens = st.tokens + (cfg.eval.every_tokens or 0)
+        valid = record["valid_loss"]
+        if valid < st.best_valid:
+            st.best_valid, st.evals_since_best = valid, 0
+        elif st.step > 0:
+            st.evals_since_best += 1
+        if st.stop_reason is None and st.step > 0:
+            if cfg.stop.target_loss is not None and valid <= cfg.stop.target_loss:
+                st.stop_reason = "target_loss"
+            elif cfg.stop.early_stop_evals is not None and st.evals_since_best > cfg.stop.early_stop_evals:
+                st.stop_reason = "early_stop"
+        return record
+
+    # ------------------------------------------------------------------------------------------ saving
+    def save_checkpoint(self) -> Optional[Path]:
+        """A resumable checkpoint at this step boundary (every rank takes part; rank 0 writes)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        self._check_finite("training", weights=True)
+        st = self.state
+        st.next_checkpoint_tokens = st.tokens + (self.cfg.checkpoint.every_tokens or 0)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=options)
+        source = self.penalty.source
+        replays = dist.all_gather_object(source.state_dict() if source is not None else None)
+        counters = dataclasses.asdict(st)
+        counters["sums"] = {k: float(dist.reduce_sum(v.detach()).item()) if isinstance(v, torch.Tensor) else v
+                            for k, v in st.sums.items()}
+        if not self.main:
+            dist.barrier()
+            return None
+        state = {"config": config_to_dict(self.cfg), "counters": counters, "model": model_state,
+                 "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                 "data": self.data.state_dict(), "replay": replays, "world_size": self.world,
+                 "penalty": {"coeff": self.penalty.coeff},
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        path = ckpt.save_checkpoint(self.run_dir, st.step, lambda tmp: torch.save(state, tmp / ckpt.STATE))
+        dist.barrier()
+        return path
+
+    def _restore(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = ckpt.load_checkpoint_state(self.run_dir)
+        diff = _first_difference(state["config"], config_to_dict(self.cfg), ignore=RESUME_IGNORES)
+        if diff:
+            raise SelfReplayError(f"--resume: config differs from the interrupted run's at '{diff}'")
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True,
+                                                                                    strict=False))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.load_state_dict(state["data"])
+        replays, source = state["replay"], self.penalty.source
+        if source is not None and replays and replays[0] is not None:
+            if len(replays) == self.world or not self.parts.replay_per_rank:
+                source.load_state_dict(replays[self.rank if self.parts.replay_per_rank else 0])
+        self.penalty.coeff = state["penalty"]["coeff"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        counters = state["counters"]
+        sums = {k: torch.tensor(v / self.world, device=self.device) for k, v in counters.pop("sums").items()}
+        self.state = TrainState(**counters, sums=sums)
+
+    def _save_final(self, summary: dict) -> None:
+        """The trained model (LoRA merged unless told otherwise), run.json and summary.json; checkpoints go."""
+        info = {**self.parts.info, "steps": self.state.step, "tokens": self.state.tokens, "world_size": self.world}
+        from selfreplay.models import save_model
+
+        save_model(self.model, self.module, self.run_dir, self.parts.tokenizer, self.cfg.checkpoint.merge_lora, info)
+        if self.main:
+            atomic_write(self.run_dir / CONFIG, config_to_yaml(self.cfg))
+            atomic_write_json(self.run_dir / RUN_INFO, info)
+            atomic_write_json(self.run_dir / SUMMARY, summary)
+            ckpt.remove_checkpoints(self.run_dir)
+        dist.barrier()
+
+
+def _first_difference(a, b, ignore=(), prefix="") -> Optional[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if not prefix and k in ignore:
+                continue
+            d = _first_difference(a.get(k), b.get(k), (), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")

@@ -1,0 +1,181 @@
+"""Forgetting metrics (selfreplay.evaluate.metrics): score() against a by-hand computation, parameter drift, the
+forgetting baseline of a finetuning run, and metrics.jsonl (truncation on resume, torn lines)."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from selfreplay.config import TrainConfig, load_config
+from selfreplay.data.batch import Batch
+from selfreplay.data.corpus import Corpus
+from selfreplay.data.loader import CorpusLoader
+from selfreplay.errors import SelfReplayError
+from selfreplay.evaluate.metrics import METRICS, MetricsLogger, parameter_norms, read_metrics, score
+from selfreplay.models.builtin import load_gpt_run, wrap_gpt
+from selfreplay.models.core import Teacher
+from selfreplay.models.gpt import GPT, GPTConfig
+from selfreplay.train import train
+
+SHAPE = GPTConfig(d_model=32, n_layers=1, head_dim=16, context=8, vocab_size=20)
+
+
+def _models():
+    torch.manual_seed(0)
+    model = wrap_gpt(GPT(SHAPE)).eval()
+    teacher = Teacher(wrap_gpt(GPT(SHAPE)).eval().requires_grad_(False))
+    batches = [Batch(torch.randint(0, 20, (3, 8))), Batch(torch.randint(0, 20, (2, 8)))]
+    return model, teacher, batches
+
+
+def _by_hand(model, teacher, batches, masks=None):
+    nll, nll_half, kl, teacher_nll, correct = [], [], [], [], []
+    for i, batch in enumerate(batches):
+        tokens = batch.tokens
+        with torch.no_grad():
+            logp = torch.log_softmax(model(tokens).double(), -1).numpy()
+            t_logp = torch.log_softmax(teacher(tokens).double(), -1).numpy()
+        for b in range(tokens.shape[0]):
+            for t in range(7):  # position t predicts token t+1 (labels shifted by one)
+                if masks is not None and not masks[i][b, t + 1]:
+                    continue
+                nll.append(-logp[b, t, tokens[b, t + 1]])
+                teacher_nll.append(-t_logp[b, t, tokens[b, t + 1]])
+                correct.append(float(logp[b, t].argmax() == tokens[b, t + 1]))
+                if t + 1 >= 4:
+                    nll_half.append(nll[-1])
+                kl.append((np.exp(t_logp[b, t]) * (t_logp[b, t] - logp[b, t])).sum())
+    return {"loss": np.mean(nll), "loss_second_half": np.mean(nll_half), "kl": np.mean(kl),
+            "teacher_loss": np.mean(teacher_nll), "accuracy": np.mean(correct)}
+
+
+def _assert_matches(got, want):
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got["loss_second_half"] == pytest.approx(want["loss_second_half"], rel=1e-5)
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-4, abs=1e-7)
+    assert got["teacher_loss"] == pytest.approx(want["teacher_loss"], rel=1e-5)
+    assert got["accuracy"] == pytest.approx(want["accuracy"], rel=1e-9)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_score_matches_a_by_hand_computation(chunk_size):
+    model, teacher, batches = _models()
+    got = score(model, batches, teacher, chunk_size=chunk_size)
+    _assert_matches(got, _by_hand(model, teacher, batches))
+    without = score(model, batches)
+    assert set(without) == {"loss", "loss_second_half", "accuracy"}
+    assert without["loss"] == pytest.approx(got["loss"], rel=1e-6)
+
+
+def test_score_counts_only_target_tokens():
+    model, teacher, batches = _models()
+    g = torch.Generator().manual_seed(1)
+    masks = [(torch.rand(b.tokens.shape, generator=g) > 0.4).float() for b in batches]
+    for m in masks:
+        m[:, 4:] = torch.maximum(m[:, 4:], torch.eye(m.shape[0], 4))  # some second-half targets in every row
+    masked = [Batch(b.tokens, m) for b, m in zip(batches, masks)]
+    _assert_matches(score(model, masked, teacher), _by_hand(model, teacher, batches, masks))
+
+
+def test_score_restores_the_training_mode_and_splits_rows_over_ranks():
+    model, teacher, batches = _models()
+    model.train()
+    whole = score(model, batches, teacher)
+    assert model.training
+    odd = score(model, batches, teacher, rank=1, world=2)  # every rank scores rows rank, rank + world, ...
+    want = score(model, [b.rows(slice(1, None, 2)) for b in batches], teacher)
+    assert odd == pytest.approx(want, rel=1e-9)
+    assert odd["loss"] != pytest.approx(whole["loss"], rel=1e-6)
+
+
+def test_score_without_target_tokens_is_a_one_line_error():
+    model, _, batches = _models()
+    with pytest.raises(SelfReplayError, match="no held-out target tokens") as e:
+        score(model, [Batch(batches[0].tokens, torch.zeros(3, 8))])
+    assert "\n" not in str(e.value)
+    with pytest.raises(SelfReplayError, match="no held-out"):  # rank 1's share of a one-row batch is empty
+        score(model, [batches[0].rows(slice(0, 1))], rank=1, world=2)
+
+
+def test_parameter_drift_ratio():
+    a, b, c = (torch.nn.Linear(3, 2, bias=False) for _ in range(3))
+    with torch.no_grad():
+        a.weight.fill_(0.0)  # init
+        b.weight.fill_(1.0)  # teacher: moved sqrt(6) from init
+        c.weight.fill_(1.5)  # student: moved 0.5 * sqrt(6) from the teacher
+    params, teacher, init = (dict(m.named_parameters()) for m in (c, b, a))
+    out = parameter_norms(params, teacher, init)
+    assert out["drift"] == pytest.approx(0.5) and out["weight_norm"] == pytest.approx(1.5 * 6 ** 0.5)
+    assert out["dist_to_teacher"] == pytest.approx(0.5 * 6 ** 0.5)
+    assert parameter_norms(params, teacher)["dist_to_teacher"] == pytest.approx(0.5 * 6 ** 0.5)
+    assert parameter_norms(params, init=init)["dist_to_init"] == pytest.approx(1.5 * 6 ** 0.5)
+    assert set(parameter_norms(params)) == {"weight_norm"}
+
+
+def test_forgetting_baseline_is_the_unmodified_teacher(tmp_path, pretrained, corpora):
+    cfg = load_config(TrainConfig, [], tiny_overrides(tmp_path / "ft", corpora["es"], **{
+        "model.model_name_or_path": pretrained, "replay.method": "none", "stop.steps": 20}))
+    summary = train(cfg, "finetune")
+    # recompute the teacher's loss on the previous corpus's held-out split independently
+    teacher = load_gpt_run(pretrained)
+    spec = teacher.info["train_corpus"]
+    loader = CorpusLoader(Corpus.open(spec["path"]), teacher.context, 1, spec["valid_tokens"],
+                          split_seed=spec["split_seed"])
+    before = score(teacher, loader.valid_batches(64))["loss"]
+    assert summary["prev_loss_before"] == pytest.approx(before, rel=1e-6)
+    assert summary["forgetting"] == pytest.approx(summary["prev_loss"] - before, rel=1e-6)
+    assert read_metrics(tmp_path / "ft")[0]["forgetting"] == 0.0
+
+
+def test_metrics_logger_truncates_on_resume(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    for tokens in (0, 100, 200, 300):
+        logger.log({"step": tokens // 100, "tokens": tokens})
+    logger.close()
+    MetricsLogger(tmp_path, keep_until_step=1).close()
+    assert [r["tokens"] for r in read_metrics(tmp_path)] == [0, 100]
+    assert json.loads((tmp_path / METRICS).read_text().splitlines()[0])["step"] == 0
+    MetricsLogger(tmp_path).close()  # a fresh run starts an empty file
+    assert read_metrics(tmp_path) == []
+
+
+def test_metrics_logger_writes_non_finite_numbers_as_null(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    logger.log({"step": 1, "loss": float("nan"), "kl": float("inf"), "lr": 0.5})
+    logger.close()
+    line = (tmp_path / METRICS).read_text().strip()
+    assert json.loads(line) == {"step": 1, "loss": None, "kl": None, "lr": 0.5}
+    assert "NaN" not in line and "Infinity" not in line
+
+
+def test_read_metrics_drops_a_torn_last_line_with_a_warning(tmp_path, caplog):
+    assert read_metrics(tmp_path) == []  # no file yet
+    logger = MetricsLogger(tmp_path)
+    for step in (1, 2):
+        logger.log({"step": step, "loss": 1.0 / step})
+    logger.close()
+    with (tmp_path / METRICS).open("a") as f:
+        f.write('{"step": 3, "loss": 0.3')  # killed mid-append
+    with caplog.at_level(logging.WARNING, logger="selfreplay.evaluate.metrics"):
+        records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert any("torn" in r.getMessage() and "line 3" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="selfreplay.evaluate.metrics"):
+        assert [r["step"] for r in read_metrics(tmp_path, warn=False)] == [1, 2]
+    assert not caplog.records
+    # resuming rewrites the file without the torn line; appends then stay readable
+    logger = MetricsLogger(tmp_path, keep_until_step=2)
+    logger.log({"step": 3, "loss": 0.3})
+    logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_read_metrics_stops_at_garbage_and_skips_blank_lines(tmp_path):
+    (tmp_path / METRICS).write_text('{"step": 1}\n\n[1, 2]\n{"step": 3}\n')
+    assert read_metrics(tmp_path, warn=False) == [{"step": 1}]  # a non-object line and what follows are dropped
+    (tmp_path / METRICS).write_bytes(b'{"step": 1}\n\xff\xfe garbage\n')
+    assert read_metrics(tmp_path, warn=False) == [{"step": 1}]

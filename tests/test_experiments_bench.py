@@ -1,0 +1,82 @@
+"""`selfreplay bench`: one real training step of each method (plain, KL on real replay, KL on self-generated
+replay) and the replay sampler, timed and measured, for the built-in GPT and a Hugging Face model."""
+
+import json
+
+import pytest
+
+from conftest import one_line_error
+from selfreplay.errors import SelfReplayError
+from selfreplay.experiments.bench import format_bench, run_bench
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.head_dim=16", "model.context=16", "model.vocab_size=64",
+        "data.batch_size=4", "replay.batch_size=2", "replay.buffer=2", "device=cpu"]
+HF_TINY = ["data.batch_size=4", "data.seq_len=32", "replay.batch_size=2", "replay.buffer=2", "device=cpu"]
+MEMORY_METHODS = ("rss_peak", "rss_lifetime_peak")  # on a CPU: the resident set (reset when /proc allows)
+
+
+def test_bench_times_every_method():
+    results = run_bench(["plain", "kl_real", "kl_self", "sampling"], None, TINY, steps=2, warmup=1, isolate=False)
+    assert [r["method"] for r in results] == ["plain", "kl_real", "kl_self", "sampling"]
+    for r in results[:3]:
+        assert r["kind"] == "gpt" and r["device"] == "cpu" and r["threads"] >= 1
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(4 * 16 / (r["ms_per_step"] / 1e3))
+        assert (r["batch"], r["seq_len"]) == (4, 16) and r["model"] == "built-in GPT 32x1x16x16"
+        assert r["peak_mib"] > 0 and r["memory_method"] in MEMORY_METHODS
+    assert [r["replay_rows"] for r in results[:3]] == [0, 2, 2]
+    assert results[0]["time_vs_plain"] == 1.0 and results[2]["time_vs_plain"] > 0
+    assert results[0]["params"] == results[1]["params"] == 32 * 64 * 2 + 12 * 32 * 32  # untied embed / head
+    assert results[3]["sampled_tokens_per_s"] > 0 and results[3]["sequences_per_refill"] == 2 * 2
+    assert results[3]["length"] == 16
+    table = format_bench(results)
+    assert "kl_self" in table and "sampled tokens/s" in table and "built-in GPT" in table
+
+
+def test_cli_bench_of_a_hugging_face_model(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from selfreplay.cli import main
+
+    out = tmp_path / "bench.json"
+    main(["bench", "--model", "llama-tiny", "--methods", "plain,kl_real,kl_self", "--steps", "1", "--warmup", "0",
+          "--no-isolate", "--json", str(out), *HF_TINY, "replay.temperature=0.5"])
+    results = json.loads(out.read_text())
+    assert [r["method"] for r in results] == ["plain", "kl_real", "kl_self"]
+    assert [r["replay_rows"] for r in results] == [0, 2, 2]
+    for r in results:
+        assert r["kind"] == "hf" and r["model"] == "llama-tiny" and (r["batch"], r["seq_len"]) == (4, 32)
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(4 * 32 / (r["ms_per_step"] / 1e3))
+        assert r["peak_mib"] > 0 and r["memory_method"] in MEMORY_METHODS
+        assert r["params"] == results[0]["params"]
+    assert results[0]["time_vs_plain"] == 1.0
+    table = capsys.readouterr().out
+    assert "kl_self" in table and "llama-tiny" in table and "batch 4 x 32 tokens" in table
+
+
+def test_lora_run_and_bad_input():
+    pytest.importorskip("peft")
+    results = run_bench(["kl_self"], "llama-tiny", HF_TINY + ["lora.r=2"], steps=1, warmup=0, isolate=False)
+    assert results[0]["method"] == "kl_self" and results[0]["ms_per_step"] > 0
+    assert "time_vs_plain" not in results[0]  # no plain run to compare with
+    assert "kl_self" in format_bench(results)
+    with pytest.raises(SelfReplayError) as e:
+        run_bench(["kl_fast"], isolate=False)
+    one_line_error(e, "--methods", "kl_fast")
+    with pytest.raises(SelfReplayError) as e:
+        run_bench([], isolate=False)
+    one_line_error(e, "--methods", "none given")
+    with pytest.raises(SelfReplayError) as e:
+        run_bench(["plain"], steps=0, isolate=False)
+    one_line_error(e, "steps=0")
+    with pytest.raises(SelfReplayError) as e:  # a bad override is the finetuning config's one-line error
+        run_bench(["plain"], None, TINY + ["optim.lrr=1"], steps=1, warmup=0, isolate=False)
+    one_line_error(e, "optim.lrr")
+
+
+def test_isolated_run_reports_its_own_peak_and_errors():
+    """isolate=True (the CLI default): each method in a fresh process; a failure there is a one-line error here."""
+    (result,) = run_bench(["kl_real"], None, TINY, steps=1, warmup=0, isolate=True)
+    assert result["method"] == "kl_real" and result["ms_per_step"] > 0 and result["peak_mib"] > 0
+    assert result["replay_rows"] == 2 and result["memory_method"] in MEMORY_METHODS
+    with pytest.raises(SelfReplayError) as e:
+        run_bench(["plain"], None, TINY + ["model.head_dim=5"], steps=1, warmup=0, isolate=True)
+    one_line_error(e, "bench plain", "head_dim")

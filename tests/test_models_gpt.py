@@ -1,0 +1,54 @@
+import math
+
+import pytest
+import torch
+
+from selfreplay.models.gpt import GPTConfig as ModelConfig
+from selfreplay.errors import SelfReplayError
+from selfreplay.models.gpt import GPT
+
+TINY = ModelConfig(d_model=64, n_layers=2, head_dim=16, context=24, vocab_size=50)
+
+
+def test_param_counts_match_paper_default_model():
+    counts = GPT(ModelConfig()).num_params()
+    assert counts["paper"] == 12 * 6 * 256**2 + 256 * 4096 == 5_767_168  # the paper's "6M" (5.77M)
+    assert counts["actual"] == 12 * 6 * 256**2 + 2 * 256 * 4096 == 6_815_744  # two untied embeddings
+
+
+def test_init_scales():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(d_model=256, n_layers=2, head_dim=64, context=16, vocab_size=512))
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.03)
+    assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(1 / math.sqrt(4 * 256), rel=0.03)
+    assert all(not name.endswith("bias") for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_kv_cache_decode_equals_full_forward(chunk):
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    tokens = torch.randint(0, TINY.vocab_size, (3, TINY.context))
+    full = model(tokens)
+    cache = model.new_kv_cache(3)
+    parts = [model(tokens[:, i:i + chunk], cache=cache) for i in range(0, TINY.context, chunk)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == TINY.context
+
+
+def test_causal():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    a = torch.randint(0, TINY.vocab_size, (1, 10))
+    b = a.clone()
+    b[0, 7] = (b[0, 7] + 1) % TINY.vocab_size
+    torch.testing.assert_close(model(a)[:, :7], model(b)[:, :7])
+    assert not torch.allclose(model(a)[:, 7:], model(b)[:, 7:])
+
+
+def test_too_long_and_bad_config():
+    model = GPT(TINY)
+    with pytest.raises(SelfReplayError, match="context"):
+        model(torch.zeros(1, TINY.context + 1, dtype=torch.long))
+    with pytest.raises(SelfReplayError, match="multiple"):
+        GPT(ModelConfig(d_model=60, head_dim=16))

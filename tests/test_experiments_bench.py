@@ -50,6 +50,7 @@ def test_cli_bench_of_a_hugging_face_model(tmp_path, capsys):
     assert results[0]["time_vs_plain"] == 1.0
     table = capsys.readouterr().out
     assert "kl_self" in table and "llama-tiny" in table and "batch 4 x 32 tokens" in table
+    assert f"on cpu, {results[0]['threads']} thread" in table  # what was measured, where
 
 
 def test_lora_run_and_bad_input():

@@ -219,6 +219,21 @@ def test_steps_per_task_applies_to_every_task(tmp_path):
     assert {p.name for p in (tmp_path / "runs").iterdir()} == {"first", "none", "ntp"}
 
 
+def test_full_on_a_cpu_warns_first(tmp_path):
+    class Stop(Exception):
+        pass
+
+    said = []
+
+    def echo(line):
+        said.append(line)
+        raise Stop  # the first line is all this test needs: the full preset is not trained here
+
+    with pytest.raises(Stop):
+        run_demo(tmp_path, full=True, device="cpu", echo=echo)
+    assert said[0].startswith("warning: demo --full is the paper's GPU configuration")
+
+
 @pytest.mark.parametrize("kwargs,words", [({"method": "none"}, ["none"]), ({"method": "bogus"}, ["bogus"]),
                                           ({"source": "disk"}, ["disk"]), ({"steps_per_task": 0}, ["steps_per_task"]),
                                           ({"eval_every": -1}, ["eval_every"]), ({"device": "tpu"}, ["tpu"])])

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -267,3 +268,27 @@ def test_a_second_trainer_in_one_process_gets_a_one_line_error(corpora, tmp_path
             train(cfg, "pretrain")
         one_line_error(e, "in use by another process", f"pid {os.getpid()}")
     assert train(cfg, "pretrain")["steps"] == 2  # released: it trains
+
+
+def test_a_killed_sweep_takes_its_runs_along_with_a_checkpoint(corpora, tmp_path):
+    """kill -9 of the sweep process: its worker gets SIGTERM (Linux parent-death signal), writes a checkpoint at
+    a step boundary and exits; the next sweep resumes the run."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("parent-death signal: Linux only")
+    tree = tiny_experiment(corpora, stages={"pretrain": {"grid": {"optim.lr": [3e-3]}, "base": {
+        "stop.steps": 100000, "eval.every_tokens": 16 * 16 * 50}}, "finetune": None})
+    path = write_yaml(tmp_path / "tiny.yaml", tree)
+    job = expand_jobs(load_experiment(path, "cpu", tmp_path / "runs"))[0]
+    sweep = subprocess.Popen([sys.executable, "-m", "selfreplay", "sweep", path, "--runs-dir", str(tmp_path / "runs"),
+                              "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = job.run_dir / RunLock.NAME
+    with deadline(120, "the run never started"):
+        while not (job.run_dir / "metrics.jsonl").exists() or not (job.run_dir / "metrics.jsonl").read_text():
+            time.sleep(0.1)
+    worker = int(lock.read_text())
+    sweep.kill()
+    sweep.wait()
+    with deadline(120, "the orphaned run is still training"):
+        while os.path.exists(f"/proc/{worker}") and "zombie" not in open(f"/proc/{worker}/status").read():
+            time.sleep(0.1)
+    assert has_checkpoint(job.run_dir)

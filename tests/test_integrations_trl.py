@@ -200,9 +200,9 @@ def test_replay_forward_runs_under_the_trainers_autocast(tmp_path, dataset):
 
     states, sums = [], trainer.penalty.sums
 
-    def spy_sums(model, batch, replay):
+    def spy_sums(model, batch, replay, **kw):
         states.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return sums(model, batch, replay)
+        return sums(model, batch, replay, **kw)
 
     trainer.accelerator.autocast = spy_autocast
     trainer.penalty.sums = spy_sums
@@ -309,3 +309,85 @@ def test_without_trl_the_module_imports_and_the_classes_name_the_extra():
     assert out.returncode == 0, out.stderr
     message = "ERR SelfReplaySFTTrainer needs extras: pip install 'selfreplay[trl]'"
     assert out.stdout.strip().splitlines() == [message] * 2
+
+
+# ------------------------------------------------------------------------------------------- baselines, budget
+
+def _stub_sft_loss(monkeypatch):
+    """TRL's own SFT loss replaced by 0, to read the penalty alone."""
+    from trl import SFTTrainer
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", lambda self, model, inputs, return_outputs=False,
+                        num_items_in_batch=None: torch.zeros((), requires_grad=True))
+
+
+def _perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("method", ["asft", "kl_downstream"])
+def test_data_kl_methods_match_the_kl_on_the_training_batch(tmp_path, dataset, monkeypatch, method):
+    from selfreplay.integrations.trl import SelfReplaySFTTrainer
+
+    trainer = _trainer(SelfReplaySFTTrainer, _args(tmp_path, replay_method=method, replay_coeff=0.5), dataset)
+    assert trainer.args.loss_type == ("dft" if method == "asft" else "nll")  # asft: TRL computes the DFT half
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    _stub_sft_loss(monkeypatch)
+    trainer.model.train()
+    assert float(trainer.compute_loss(trainer.model, dict(inputs))) == pytest.approx(0.0, abs=1e-6)  # student = teacher
+    _perturb(trainer.model)
+    got = float(trainer.compute_loss(trainer.model, dict(inputs)))
+    with torch.no_grad():
+        student = _logprobs(trainer.model(input_ids=inputs["input_ids"]).logits)[:, :-1]
+        teacher = _logprobs(trainer.teacher(inputs["input_ids"]))[:, :-1]
+    per_position = (teacher.exp() * (teacher - student)).sum(-1)
+    mask = (inputs["labels"] != -100)[:, 1:].float()
+    # (a small KL is a difference of log-probabilities ~6: float32 leaves ~1e-6 of it)
+    assert got == pytest.approx(0.5 * float((per_position * mask).sum() / mask.sum()), abs=1e-5)
+    assert got > 1e-3
+
+
+@pytest.mark.parametrize("method", ["l2_init", "ewc"])
+def test_weight_methods_penalise_the_distance_from_the_start(tmp_path, dataset, monkeypatch, method):
+    from selfreplay.integrations.trl import SelfReplaySFTTrainer
+
+    trainer = _trainer(SelfReplaySFTTrainer, _args(tmp_path, replay_method=method, replay_coeff=2.0,
+                                                   replay_ewc_sequences=4, replay_length=12), dataset)
+    start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    _stub_sft_loss(monkeypatch)
+    trainer.model.train()
+    assert float(trainer.compute_loss(trainer.model, dict(inputs))) == 0.0
+    _perturb(trainer.model)
+    weights = trainer.penalty.anchor.weights
+    if method == "ewc":
+        assert weights is not None and sum(float(w.sum()) for w in weights.values()) > 0
+        assert isinstance(_replay(trainer), __import__("selfreplay.replay.sources", fromlist=["x"]).SelfGeneratedReplay)
+    distance = sum(float(((weights["net." + k] if weights else 1.0) * (p - start[k]) ** 2).sum())
+                   for k, p in trainer.model.named_parameters())
+    assert float(trainer.compute_loss(trainer.model, dict(inputs))) == pytest.approx(2.0 * distance, rel=1e-4)
+
+
+@pytest.mark.parametrize("target,direction", [(1e-6, "up"), (10.0, "down")])
+def test_a_budget_moves_the_coefficient_the_right_way(tmp_path, dataset, target, direction):
+    from selfreplay.integrations.trl import SelfReplaySFTTrainer
+
+    args = _args(tmp_path, replay_batch_size=4, replay_length=12, replay_buffer=2, replay_coeff=1.0,
+                 replay_target_kl=target)
+    trainer, logs = _train(SelfReplaySFTTrainer, args, dataset)
+    coeffs = [h["replay_coeff"] for h in logs]
+    assert len(coeffs) == 4 and all("replay_kl_smoothed" in h for h in logs)
+    # (the first step runs before any update: KL 0, under every target)
+    assert (coeffs[-1] > max(1.0, *coeffs[:-1])) if direction == "up" else (coeffs[-1] < coeffs[0] < 1.0)
+    assert trainer.penalty.budget.updates == 4  # once per optimizer step, not per micro-step
+
+
+def test_bad_budgets_are_one_line_errors(tmp_path):
+    for extra, words in [({"replay_target_kl": 0.0}, ["replay_target_kl=0.0"]),
+                         ({"replay_target_kl": 0.1, "replay_method": "ntp"}, ["replay_target_kl", "ntp"])]:
+        with pytest.raises(SelfReplayError) as e:
+            _args(tmp_path, **extra)
+        one_line_error(e, *words)

@@ -55,6 +55,27 @@ def test_every_method_matches_an_independent_computation(chunk):
     assert float(none["term"]) == 0.0
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_anchored_sft_is_dft_plus_the_divergence_on_the_new_data(chunk):
+    """asft: Σ p(y)·NLL(y) with p detached (DFT) on the new data, plus coeff · KL(teacher ‖ student) on it."""
+    student, teacher, data, _ = _models()
+    logits = student(data.tokens)
+    with torch.no_grad():
+        t_data = teacher.module(data.tokens)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, 40), data.tokens[:, 1:].reshape(-1), reduction="none")
+    dft = (nll * torch.exp(-nll).detach()).sum()
+    penalty = ReplayPenalty("asft", 0.1, teacher, chunk_size=chunk)
+    sums = penalty.sums(student, data, None)
+    assert float(sums["ntp"]) == pytest.approx(float(dft), rel=1e-5)
+    assert float(sums["term"]) == pytest.approx(float(_kl(logits, t_data)), rel=1e-5)
+    # the gradient is DFT's: p · ∇NLL, not ∇(p · NLL)
+    grad = torch.autograd.grad(sums["ntp"], student.net.head.weight)[0]
+    expected = torch.autograd.grad(dft, student.net.head.weight)[0]
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    same = ReplayPenalty("asft", 0.1, Teacher.frozen_copy(student)).sums(student, data, None)
+    assert float(same["term"]) == pytest.approx(0.0, abs=1e-6)  # zero at step 0, where the student is the teacher
+
+
 def test_replace_takes_the_floor_of_its_fraction_and_refuses_zero_rows():
     assert replaced_rows("replace", 0.125, 32) == 4 and replaced_rows("replace", 0.2, 32) == 6  # floor(6.4)
     assert replaced_rows("kl", 0.125, 32) == 0

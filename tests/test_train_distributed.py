@@ -149,6 +149,22 @@ def test_gpt_two_processes_match_one(strategy, corpora, pretrained, gpt_one_proc
     assert summary["steps"] == 4 and summary["stop_reason"] == "length"
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("method", [{"replay.target_kl": 0.001, "replay.coeff": 1.0},
+                                    {"replay.method": "l2_init", "replay.coeff": 1.0}])
+def test_budget_and_weight_anchor_on_two_processes_match_one(strategy, method, corpora, pretrained, tmp_path):
+    """The budget's KL estimate is averaged over ranks (the multiplier stays the same on every rank); the
+    l2_init anchor is sharded like the weights under FSDP2: both make one process's updates."""
+    one_process(gpt_args(corpora, pretrained, tmp_path / "one", **method))
+    torchrun(gpt_args(corpora, pretrained, tmp_path / "two", **method, **{"distributed.strategy": strategy}))
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert_same_run(one, two)
+    assert [r["replay_coeff"] for r in one] == pytest.approx([r["replay_coeff"] for r in two], rel=1e-4)
+    if "replay.target_kl" in method:
+        assert one[-1]["replay_coeff"] > 1.0
+    assert_same_weights(gpt_weights(tmp_path / "one"), gpt_weights(tmp_path / "two"))
+
+
 # ------------------------------------------------------------------------------------------- one process
 
 def test_single_process_helpers_are_no_ops(monkeypatch):

@@ -164,9 +164,17 @@ def _at_most(steps):
     return hook
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "finetune_kl", "finetune_kl_self"])
+@pytest.mark.parametrize("kind", ["pretrain", "finetune_kl", "finetune_kl_self", "finetune_budget", "finetune_ewc"])
 def test_resume_ends_with_the_same_weights(tmp_path, corpora, pretrained, kind):
     def cfg(name):
+        if kind == "finetune_budget":  # the multiplier and its smoothing state resume too
+            return finetune_cfg(tmp_path, name, pretrained, corpora, **{
+                "stop.steps": 12, "replay.method": "kl", "replay.source": "self", "replay.target_kl": 0.02,
+                "replay.coeff": 1.0, "replay.buffer": 3, "checkpoint.every_steps": 4, "eval.every_steps": 2})
+        if kind == "finetune_ewc":  # the Fisher comes from the checkpoint
+            return finetune_cfg(tmp_path, name, pretrained, corpora, **{
+                "stop.steps": 12, "replay.method": "ewc", "replay.source": "self", "replay.ewc_sequences": 8,
+                "checkpoint.every_steps": 4})
         if kind == "pretrain":
             return cfg_for(tmp_path / name, corpora["en"], **{
                 "stop.steps": 12, "checkpoint.every_tokens": 16 * 16 * 4, "optim.schedule": "cosine"})

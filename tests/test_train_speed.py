@@ -110,3 +110,31 @@ def test_compiled_decode_reuses_one_graph_across_refills():
     for seed in (1, 2):
         sampler.sample(torch.zeros(3, 1, dtype=torch.long), 10, generator=torch.Generator().manual_seed(seed))
     assert counters["frames"]["total"] == 0
+
+
+@pytest.mark.parametrize("method", [
+    {"replay.method": "kl", "replay.source": "prev"},
+    {"replay.method": "kl", "replay.source": "prev", "replay.target_kl": 0.01, "replay.coeff": 1.0},
+    {"replay.method": "asft"}, {"replay.method": "l2_init"}, {"replay.method": "replace"},
+    {"replay.method": "ntp", "replay.source": "prev", "gradient_accumulation_steps": 2},
+])
+def test_a_training_step_reads_nothing_back_from_the_device(setup, monkeypatch, method):
+    """No .item() / float() / bool() of a tensor in the step (GPU: each would wait for the device)."""
+    root, es = setup
+    trainer = _trainer(root, es, "sync", **method)
+    trainer.train_step()  # first calls may build things lazily
+    reads, ours = [], str(Path(sys.modules["selfreplay"].__file__).parent)
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(ours):
+                reads.append(f"{_name} at {caller}:{sys._getframe(1).f_lineno}")
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    for _ in range(3):
+        trainer.train_step()
+    monkeypatch.undo()
+    assert reads == [], reads

@@ -143,6 +143,16 @@ _train_command(FINETUNE)
               help="question prompts in chat format (auto: when the tokenizer has a chat template)")
 @click.option("--lm-eval", "lm_eval_tasks", default=None,
               help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
+@click.option("--self", "self_sequences", type=int, default=None,
+              help="data-free forgetting: KL(teacher || model) per token on this many sequences the teacher samples "
+                   "itself (as self-generated replay), with a 95%% bootstrap interval")
+@click.option("--self-length", type=int, default=None, help="--self: tokens per sequence (default: the built-in "
+                                                            "GPT's context / 512)")
+@click.option("--prompt", type=click.Choice(["bos", "chat"]), default="bos", show_default=True,
+              help="--self, Hugging Face: prompt the teacher with BOS or the chat template's prefix")
+@click.option("--domain", "domains", type=int, multiple=True,
+              help="--self, built-in GPT: domain token to prompt with (default: the teacher's corpus's)")
+@click.option("--seed", type=int, default=0, show_default=True, help="--self: sampling and bootstrap seed")
 @click.option("--valid-tokens", type=int, default=None,
               help="--corpus split size (default: as recorded by the run that trained on the corpus, else 1M)")
 @click.option("--split-seed", type=int, default=None, help="--corpus split seed (default: as recorded, else 0)")
@@ -156,8 +166,8 @@ _train_command(FINETUNE)
 @THREADS
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the results")
 def eval_command(models, more_models, corpora, data_files, teacher, mcq_files, mcq_format, lm_eval_tasks,
-                 valid_tokens, split_seed, max_tokens, batch_size, seq_len, split, text_field, dtype, device, threads,
-                 json_out) -> None:
+                 self_sequences, self_length, prompt, domains, seed, valid_tokens, split_seed, max_tokens, batch_size,
+                 seq_len, split, text_field, dtype, device, threads, json_out) -> None:
     """How much each model forgot: loss and KL(teacher || model) on held-out data, and benchmark accuracy."""
     from selfreplay.evaluate.report import benchmark_report, format_benchmarks, forgetting_report, format_report
     from selfreplay.train.files import atomic_write_json
@@ -169,9 +179,15 @@ def eval_command(models, more_models, corpora, data_files, teacher, mcq_files, m
         raise SelfReplayError(f"eval --batch-size={batch_size}: must be positive")
     _threads(threads)
     tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
-    if not (corpora or data_files or mcq_files or tasks):
-        raise SelfReplayError("eval: nothing to evaluate; give --corpus, --data, --mcq and/or --lm-eval")
+    if not (corpora or data_files or mcq_files or tasks or self_sequences is not None):
+        raise SelfReplayError("eval: nothing to evaluate; give --corpus, --data, --self, --mcq and/or --lm-eval")
     results: dict = {}
+    if self_sequences is not None:
+        from selfreplay.evaluate.self_kl import format_self_kl, self_kl_report
+
+        results["self_kl"] = self_kl_report(names, self_sequences, teacher, self_length, prompt, domains, batch_size,
+                                            seed, device, dtype)
+        click.echo(format_self_kl(results["self_kl"]))
     if corpora or data_files:
         rows = forgetting_report(names, corpora, data_files, teacher, valid_tokens, split_seed, max_tokens,
                                  batch_size, seq_len, split, text_field, device, dtype)
@@ -235,15 +251,17 @@ def generate(model, model_opt, out, num_sequences, length, domains, prompt, batc
 @click.option("--real", default=None, help="real corpus directory for n-gram overlap")
 @click.option("--max-sequences", type=int, default=None, help="use at most this many replay sequences")
 @click.option("--device", default="auto", show_default=True)
+@THREADS
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="where to save the numbers (default: REPLAY-stats.json beside the corpus)")
-def replay_stats_command(replay, teacher, real, max_sequences, device, json_out) -> None:
+def replay_stats_command(replay, teacher, real, max_sequences, device, threads, json_out) -> None:
     """Quality of a replay corpus: teacher NLL, distinct-n, domain coverage, overlap with real data."""
     from selfreplay.evaluate.replay_stats import format_replay_stats, replay_stats
     from selfreplay.models import load_model
     from selfreplay.train.distributed import resolve_device
     from selfreplay.train.files import atomic_write_json
 
+    _threads(threads)
     dev = resolve_device(device)
     teacher_model = load_model(teacher, dev).eval() if teacher else None
     stats = replay_stats(replay, teacher=teacher_model, real=real, max_sequences=max_sequences, device=dev)
@@ -291,12 +309,14 @@ def bench(overrides, model, methods, steps, warmup, no_isolate, json_out) -> Non
 @click.option("--device", default="auto", show_default=True)
 @click.option("--steps-per-task", type=int, default=None, help="steps of every task, the first included")
 @click.option("--eval-every", type=int, default=None, help="override the preset's evaluation interval (steps)")
-def demo(out_dir, full, method, source, seed, device, steps_per_task, eval_every) -> None:
+@click.option("--threads", type=int, default=None, help="CPU threads per run (default: the preset's; the CPU "
+                                                        "preset uses 1, its two runs go side by side)")
+def demo(out_dir, full, method, source, seed, device, steps_per_task, eval_every, threads) -> None:
     """Four arithmetic tasks learned one after another, without and with self-generated replay (paper §5.2)."""
     from selfreplay.experiments.demo import run_demo
 
     run_demo(out_dir, full=full, method=method, source=source, seed=seed, device=device,
-             steps_per_task=steps_per_task, eval_every=eval_every, echo=click.echo)
+             steps_per_task=steps_per_task, eval_every=eval_every, echo=click.echo, threads=threads)
 
 
 # ---------------------------------------------------------------------------- experiment sweeps

@@ -117,9 +117,19 @@ class StopConfig:
 class ReplayConfig:
     """The forgetting penalty: loss = NTP(new data) + coeff · term(replay)."""
 
-    method: Optional[str] = _f(None, "kl (the paper's) | ntp | kl_downstream | replace | none; default: kl when "
-                                     "finetuning", FINETUNE)
-    coeff: Optional[float] = _f(None, "coefficient c: 10 (built-in GPT) / 1 (Hugging Face, §5.9)", FINETUNE)
+    method: Optional[str] = _f(None, "kl (the paper's) | ntp | kl_downstream | asft | l2_init | ewc | replace | none; "
+                                     "default: kl when finetuning", FINETUNE)
+    coeff: Optional[float] = _f(None, "coefficient c: 10 (built-in GPT) / 1 (Hugging Face, §5.9); asft 0.1; l2_init "
+                                      "1e-3; ewc 100", FINETUNE)
+    target_kl: Optional[float] = _f(None, "forgetting budget, nats per token: adapt c so that the replay KL tracks "
+                                          "it (method=kl; c starts at replay.coeff)", FINETUNE)
+    target_kl_step: float = _f(0.05, "target_kl: step of log c per optimizer step, times clamp(log(KL/target), -2, "
+                                     "2)", FINETUNE)
+    target_kl_smoothing: float = _f(0.9, "target_kl: moving-average factor of the replay KL estimate", FINETUNE)
+    coeff_min: float = _f(1e-3, "target_kl: lower clamp of c", FINETUNE)
+    coeff_max: float = _f(1e4, "target_kl: upper clamp of c", FINETUNE)
+    ewc_sequences: int = _f(64, "method=ewc: replay sequences the teacher's diagonal Fisher is estimated from",
+                            FINETUNE)
     fraction: float = _f(0.125, "method=replace: fraction of each batch's rows replaced by replay rows", FINETUNE)
     divergence: str = _f("forward_kl", "forward_kl (KL(teacher||student)) | reverse_kl | jsd", FINETUNE)
     jsd_beta: float = _f(0.5, "divergence=jsd: mixture weight beta", FINETUNE)

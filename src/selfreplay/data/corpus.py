@@ -94,7 +94,7 @@ class CorpusMeta:
 
 def _is_replaceable(path: Path) -> bool:
     """An existing path we may overwrite: an empty directory or an earlier corpus."""
-    return path.is_dir() and {p.name for p in path.iterdir()} <= {TOKENS_FILE, META_FILE}
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {TOKENS_FILE, META_FILE, "recipe.json"}
 
 
 @contextmanager

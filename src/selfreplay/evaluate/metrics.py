@@ -174,8 +174,16 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            from selfreplay.train.files import disk_full
+
+            if disk_full(e):  # a torn last line is dropped on --resume
+                raise SelfReplayError(f"no space left on the device writing {self.path}; free space and continue "
+                                      f"with --resume") from None
+            raise
         step = record.get("step", 0)
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._wandb is not None:

@@ -38,7 +38,8 @@ def teacher_of(model: CausalLM) -> Optional[str]:
                                            "finetune" else None)
 
 
-def _load(name: str, device, dtype: str) -> CausalLM:
+def load_for_eval(name: str, device, dtype: str) -> CausalLM:
+    """A model in eval mode, with the run record of a selfreplay run directory of a Hugging Face model."""
     model = load_model(name, device, dtype)
     run_json = os.path.join(name, "run.json")
     if model.kind == "hf" and os.path.isfile(run_json):  # a selfreplay run directory of a Hugging Face model
@@ -67,12 +68,12 @@ def forgetting_report(models: Sequence[str], corpora: Sequence[str] = (), data: 
     rows = []
     bar = progress(len(models) * (len(corpora) + len(data)), "eval", "sets", show_progress)
     for name in models:
-        model = _load(name, dev, dtype)
+        model = load_for_eval(name, dev, dtype)
         teacher_name = teacher or teacher_of(model)
         teacher_obj = None
         if teacher_name:
             if teacher_name not in teachers:
-                teachers[teacher_name] = _load(teacher_name, dev, dtype).requires_grad_(False)
+                teachers[teacher_name] = load_for_eval(teacher_name, dev, dtype).requires_grad_(False)
             t = teachers[teacher_name]
             if t.vocab_size != model.vocab_size:
                 raise SelfReplayError(f"teacher {teacher_name} has vocabulary {t.vocab_size}, model {name} has "
@@ -136,7 +137,7 @@ def benchmark_report(name: str, mcq: Sequence[str] = (), lm_eval_tasks: Sequence
 
     if lm_eval_tasks:
         require_lm_eval()  # before loading a model for nothing
-    model = _load(name, resolve_device(device), dtype)
+    model = load_for_eval(name, resolve_device(device), dtype)
     if model.kind != "hf":
         raise SelfReplayError(f"eval --mcq / --lm-eval: {name} is a built-in GPT; benchmarks need a Hugging Face "
                               f"model and its tokenizer")

@@ -254,8 +254,15 @@ def run_bench(methods: Sequence[str], model: Optional[str] = None, overrides: Se
         from selfreplay.models.hf import require_hf
 
         require_hf("transformers")
-    args = [(m, model, list(overrides), steps, warmup) for m in methods]
-    results = [_isolated(*a) if isolate else bench_method(*a) for a in args]
+    from selfreplay.progress import progress
+
+    bar = progress(len(methods), "bench", "methods", every_s=0.0)
+    results = []
+    for m in methods:
+        args = (m, model, list(overrides), steps, warmup)
+        results.append(_isolated(*args) if isolate else bench_method(*args))
+        bar.update(1)
+    bar.close()
     plain = next((r for r in results if r["method"] == "plain"), None)
     for r in results:
         if "ms_per_step" in r and plain:

@@ -23,7 +23,6 @@ import os
 import tempfile
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -361,7 +360,7 @@ def _write_metrics(out_dir: Path, runs: list[RunResult]) -> None:
 def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optional[str] = None,
              source: str = "self", seed: int = 0, device: str = "auto", steps_per_task: Optional[int] = None,
              eval_every: Optional[int] = None, echo: Callable[[str], None] = print,
-             config: Optional[DemoConfig] = None) -> DemoResult:
+             config: Optional[DemoConfig] = None, threads: Optional[int] = None) -> DemoResult:
     """Train "without replay" and "with replay" (``method`` ntp | kl, ``source`` self | real) and report.
 
     ``full`` selects the paper's configuration (meant for a GPU), otherwise the CPU preset; ``config`` replaces
@@ -382,11 +381,13 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
         cfg = replace(cfg, steps_per_task=steps_per_task, first_task_steps=None)
     if eval_every is not None:
         cfg = replace(cfg, eval_every=eval_every)
+    if threads is not None:
+        cfg = replace(cfg, threads=threads)
     check_demo_config(cfg)
     dev = resolve_device(cfg.device)
     if full and dev.type == "cpu":
-        warnings.warn("demo --full is the paper's GPU configuration (batch 2048, 8,000 steps): on a CPU it takes "
-                      "days; the default preset shows the same in minutes")
+        echo("warning: demo --full is the paper's GPU configuration (batch 2048, 8,000 steps): on this CPU it would "
+             "take days; the default preset shows the same in about 3 minutes")
     out = Path(out_dir)
     shutil.rmtree(out / "runs", ignore_errors=True)  # the stages of an earlier demo in this directory
     out.mkdir(parents=True, exist_ok=True)

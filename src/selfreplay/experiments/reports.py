@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 from selfreplay.errors import SelfReplayError
 from selfreplay.experiments.results import (at_target, finetune_point, fmt, paper_loss, pyplot, results_of,
                                             save_png, status_line, table, target_of, write_results)
+from selfreplay.experiments.frontier import frontier_plot, frontier_report
 from selfreplay.experiments.sweep import Experiment, load_experiment
 
 
@@ -407,6 +408,8 @@ REPORTS: dict[str, tuple[Callable[[Experiment], str], Callable[[Experiment, Path
     "pretrain_length": (pretrain_length_report, pretrain_length_plot),
     "learning_rate": (learning_rate_report, learning_rate_plot),
     "capacity_frontier": (capacity_frontier_report, capacity_frontier_plot),
+    "frontier": (frontier_report, frontier_plot),
+    "forgetting_budget": (frontier_report, frontier_plot),
 }
 
 

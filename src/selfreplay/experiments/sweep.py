@@ -17,6 +17,7 @@ An experiment file (``experiments/<name>.yaml``)::
       finetune:
         kind: finetune
         from: pretrain                 # one run per upstream run (x its own grid): the model it starts from
+                                       # (or no 'from' and a base model.model_name_or_path: a run dir, a hub id)
         select: {optim.lr: 1e-2}       # optional: only upstream runs whose config has these values
         variants:                      # optional: named override sets (crossed with the grid)
           plain: {}
@@ -50,6 +51,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -64,7 +66,7 @@ from selfreplay.errors import SelfReplayError
 
 SCALES = ("cpu", "gpu", "paper")
 STAGE_KEYS = {"kind", "base", "grid", "from", "select", "variants"}
-TOP_KEYS = {"name", "description", "prepare", "common", "stages", "scales", "paper"}
+TOP_KEYS = {"name", "description", "prepare", "common", "stages", "scales", "paper", "report"}
 IGNORED_WHEN_COMPARING = ("log", "run_dir")
 
 
@@ -91,6 +93,7 @@ class Experiment:
     common: dict[str, Any]
     stages: list[Stage]
     paper: dict = field(default_factory=dict)  # the paper's numbers, for the report
+    report: dict = field(default_factory=dict)  # settings of the report (e.g. the frontier's loss targets)
 
 
 @dataclass
@@ -226,8 +229,9 @@ def load_experiment(name_or_path: str, scale: str = "cpu", runs_dir: str | Path 
         if kind not in ("pretrain", "finetune"):
             raise SelfReplayError(f"{where}: kind must be pretrain or finetune, got {kind!r}")
         upstream = st.get("from")
-        if kind == "finetune" and not upstream:
-            raise SelfReplayError(f"{where}: a finetune stage needs 'from: <stage>'")
+        given_model = {**(tree.get("common") or {}), **(st.get("base") or {})}.get("model.model_name_or_path")
+        if kind == "finetune" and not upstream and not given_model:
+            raise SelfReplayError(f"{where}: a finetune stage needs 'from: <stage>' or a model.model_name_or_path")
         if upstream and upstream not in [s.name for s in stages]:
             raise SelfReplayError(f"{where}: 'from: {upstream}' names no earlier stage")
         grid = st.get("grid") or {}
@@ -244,7 +248,8 @@ def load_experiment(name_or_path: str, scale: str = "cpu", runs_dir: str | Path 
         raise SelfReplayError(f"experiment file {path}: no stages")
     return Experiment(name=name, description=tree.get("description", ""), scale=scale,
                       root=Path(runs_dir) / name / scale, path=path, prepare=tree.get("prepare") or {},
-                      common=dict(tree.get("common") or {}), stages=stages, paper=tree.get("paper") or {})
+                      common=dict(tree.get("common") or {}), stages=stages, paper=tree.get("paper") or {},
+                      report=tree.get("report") or {})
 
 
 # ---------------------------------------------------------------------------- the job graph
@@ -366,6 +371,10 @@ def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):  # a killed sweep takes its runs along (SIGTERM: they checkpoint first)
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _run_job(key: str, kind: str, overrides: dict, resume: bool) -> dict:

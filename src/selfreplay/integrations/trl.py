@@ -10,7 +10,9 @@ For people who already finetune with TRL, switching is a few lines::
 
 Each optimizer step adds ``replay_coeff`` × (forward KL from the teacher, or next-token loss) on replay sequences
 to TRL's own SFT loss, computed by the same :class:`~selfreplay.replay.penalty.ReplayPenalty` as ``selfreplay
-finetune``. The teacher is the model as it is when the trainer is built: a frozen copy, or for a PEFT
+finetune``; the baselines ``kl_downstream``, ``asft`` (TRL's ``loss_type="dft"`` plus the KL on the training batch),
+``l2_init`` and ``ewc`` come from it too. ``replay_target_kl`` turns the coefficient into a forgetting budget
+(:mod:`selfreplay.replay.budget`). The teacher is the model as it is when the trainer is built: a frozen copy, or for a PEFT
 model the base with its adapters switched off (no copy). Replay is sampled from the teacher itself
 (``replay_source="self"``: prompted only with BOS, temperature 1, the paper's recipe) or read from old data
 (a ``datasets.Dataset``, a data file/hub id, or a replay corpus written by ``selfreplay generate --model``).
@@ -36,7 +38,7 @@ from selfreplay.errors import SelfReplayError
 
 TRL_MISSING = "SelfReplaySFTTrainer needs extras: pip install 'selfreplay[trl]'"
 IN_MEMORY_SOURCE = "<in-memory dataset>"  # replay_source when the trainer was given a Dataset object
-REPLAY_METHODS = ("kl", "ntp")
+REPLAY_METHODS = ("kl", "ntp", "kl_downstream", "asft", "l2_init", "ewc")
 REPLAY_PROMPTS = ("bos", "chat")
 
 
@@ -49,7 +51,17 @@ class ReplaySettings:
     """The replay options of :class:`SelfReplayConfig` (also usable on their own, e.g. with a plain SFTConfig)."""
 
     replay_coeff: float = _f(1.0, "weight c of the replay term: loss = SFT loss + c * replay loss (0: off)")
-    replay_method: str = _f("kl", "kl: KL(teacher || model) on replay; ntp: next-token loss on replay")
+    replay_method: str = _f("kl", "kl: KL(teacher || model) on replay; ntp: next-token loss on replay; "
+                                  "kl_downstream / asft: the KL on the training batch (asft: with loss_type=dft); "
+                                  "l2_init / ewc: the (Fisher-weighted) squared distance from the start weights")
+    replay_target_kl: Optional[float] = _f(None, "forgetting budget (nats per token): adapt replay_coeff so that "
+                                                 "the replay KL tracks it (replay_method=kl)")
+    replay_target_kl_step: float = _f(0.05, "step of log replay_coeff per optimizer step (see selfreplay.replay."
+                                            "budget)")
+    replay_target_kl_smoothing: float = _f(0.9, "moving-average factor of the replay KL estimate")
+    replay_coeff_min: float = _f(1e-3, "lower clamp of an adapted replay_coeff")
+    replay_coeff_max: float = _f(1e4, "upper clamp of an adapted replay_coeff")
+    replay_ewc_sequences: int = _f(64, "replay_method=ewc: sequences the diagonal Fisher is estimated from")
     replay_divergence: str = _f("forward_kl", "forward_kl (the paper's), reverse_kl or jsd, for replay_method=kl")
     replay_source: str = _f("self", "self: sampled from the teacher; else old data: a data file, hub dataset id or "
                                     "a `selfreplay generate` replay corpus directory")
@@ -77,7 +89,15 @@ class ReplaySettings:
                                   f"{list(DIVERGENCES)}")
         if self.replay_prompt not in REPLAY_PROMPTS:
             raise SelfReplayError(f"replay_prompt={self.replay_prompt!r}: expected one of {list(REPLAY_PROMPTS)}")
-        for name in ("replay_batch_size", "replay_buffer", "loss_chunk_size"):
+        if self.replay_target_kl is not None:
+            from selfreplay.replay.budget import check_budget
+
+            if self.replay_method != "kl":
+                raise SelfReplayError(f"replay_target_kl: a forgetting budget controls the replay KL; replay_method="
+                                      f"{self.replay_method} has none (use replay_method='kl')")
+            check_budget(self.replay_target_kl, self.replay_coeff, self.replay_target_kl_step,
+                         self.replay_target_kl_smoothing, self.replay_coeff_min, self.replay_coeff_max, "replay_")
+        for name in ("replay_batch_size", "replay_buffer", "loss_chunk_size", "replay_ewc_sequences"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise SelfReplayError(f"{name}={getattr(self, name)!r}: expected a positive integer")
         if self.replay_length is not None and (not isinstance(self.replay_length, int) or self.replay_length < 2):
@@ -169,18 +189,23 @@ class _ReplayMixin:
                  replay_buffer: Optional[int] = None, replay_temperature: Optional[float] = None,
                  replay_text_field: Optional[str] = None, replay_split: Optional[str] = None,
                  replay_seed: Optional[int] = None, loss_chunk_size: Optional[int] = None,
+                 replay_target_kl: Optional[float] = None, replay_ewc_sequences: Optional[int] = None,
                  teacher_dtype=None, **kwargs):
         overrides = dict(replay_coeff=replay_coeff, replay_method=replay_method,
                          replay_divergence=replay_divergence, replay_batch_size=replay_batch_size,
                          replay_length=replay_length, replay_prompt=replay_prompt, replay_buffer=replay_buffer,
                          replay_temperature=replay_temperature, replay_text_field=replay_text_field,
-                         replay_split=replay_split, replay_seed=replay_seed, loss_chunk_size=loss_chunk_size)
+                         replay_split=replay_split, replay_seed=replay_seed, loss_chunk_size=loss_chunk_size,
+                         replay_target_kl=replay_target_kl, replay_ewc_sequences=replay_ewc_sequences)
         source_object = None
         if replay_source is not None and not isinstance(replay_source, (str, os.PathLike)):
             source_object = replay_source  # a datasets.Dataset (or a list of records) of old data
             replay_source = IN_MEMORY_SOURCE
         overrides["replay_source"] = None if replay_source is None else str(replay_source)
         self.replay_settings = _settings_from(args, overrides).check()
+        if self.replay_settings.replay_method == "asft" and args is not None and getattr(args, "loss_type", None) \
+                not in (None, "dft"):
+            args.loss_type = "dft"  # anchored SFT = DFT + the KL anchor: TRL computes the DFT half
         super().__init__(model, args, *positional, **kwargs)
         self._replay_source_object = source_object
         self.teacher = self.penalty = None
@@ -200,20 +225,36 @@ class _ReplayMixin:
     def _build_penalty(self, teacher_dtype) -> None:
         from selfreplay.models.core import CausalLM, Teacher
         from selfreplay.models.hf import HF_ADAPTER, peft_model
-        from selfreplay.replay.penalty import ReplayPenalty
+        from selfreplay.replay.penalty import ReplayPenalty, TEACHER_METHODS
 
         s = self.replay_settings
         net = self.accelerator.unwrap_model(self.model)
         self.replay_model = CausalLM(net, HF_ADAPTER)  # the student, seen through the engine's model interface
         if peft_model(net) is not None:
             self.teacher = Teacher.adapters_off(self.replay_model)
-        else:
+        elif s.replay_method in TEACHER_METHODS or s.replay_method == "ntp" and s.replay_source == "self":
             self.teacher = Teacher.frozen_copy(self.replay_model, teacher_dtype)
             # SFTTrainer patches the instance's forward (fused LM head) with a closure over the *student's*
             # original forward; the copy would sample through it, so restore the class's forward.
             self.teacher.module.net.__dict__.pop("forward", None)
+        else:  # l2_init, ewc: no copy (ewc samples its Fisher sequences once, before the first update)
+            self.teacher = Teacher(self.replay_model)
+        anchor = budget = None
+        if s.replay_method in ("l2_init", "ewc"):
+            from selfreplay.replay.anchor import WeightAnchor
+
+            anchor = WeightAnchor(self.replay_model)
+            anchor.bind(self.replay_model)
+        if s.replay_target_kl is not None:
+            from selfreplay.replay.budget import ForgettingBudget
+
+            budget = ForgettingBudget(s.replay_target_kl, s.replay_coeff, s.replay_target_kl_step,
+                                      s.replay_target_kl_smoothing, s.replay_coeff_min, s.replay_coeff_max,
+                                      self.args.device)
         self.penalty = ReplayPenalty(s.replay_method, s.replay_coeff, self.teacher, source=_LazySource(self),
-                                     divergence=s.replay_divergence, chunk_size=s.loss_chunk_size)
+                                     divergence=s.replay_divergence, chunk_size=s.loss_chunk_size, anchor=anchor,
+                                     budget=budget)
+        self._budget_sum, self._budget_steps = None, 0
 
     # ------------------------------------------------------------------------------------------- replay data
     def _replay_tokenizer(self):
@@ -240,9 +281,11 @@ class _ReplayMixin:
             from selfreplay.replay.prompts import Prompts, tokenizer_prompt
 
             self._replay_per_process = True
+            buffer = s.replay_buffer * max(1, self.args.gradient_accumulation_steps)
+            if s.replay_method == "ewc":
+                buffer = -(-s.replay_ewc_sequences // rows)  # sampled once: only what the Fisher uses
             return SelfGeneratedReplay(self.teacher, Prompts([tokenizer_prompt(tokenizer, s.replay_prompt)]), rows,
-                                       self.replay_length(), s.replay_buffer * max(1, self.args.gradient_accumulation_steps),
-                                       s.replay_temperature, seed=seed + 1000 * rank,
+                                       self.replay_length(), buffer, s.replay_temperature, seed=seed + 1000 * rank,
                                        keep_targets=s.replay_method == "kl")
         self._replay_per_process = False  # every process reads the same rows and takes its share
         source = self._replay_source_object if self._replay_source_object is not None else s.replay_source
@@ -270,26 +313,65 @@ class _ReplayMixin:
         if self.penalty is None or not self.model.training:
             return result
         loss, outputs = result if return_outputs else (result, None)
-        replay = self.next_replay()
-        with self.accelerator.autocast():
-            term = self.penalty.sums(self.replay_model, None, replay)["term"]
         # TRL's SFT loss is normalised over the whole accumulated batch when num_items_in_batch is given (and the
-        # Trainer then skips its own division): weight this micro-step's replay share the same way
+        # Trainer then skips its own division): weight this micro-step's share of the penalty the same way
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        term = term / (replay.num_targets().clamp_min(1.0) * steps)
-        loss = loss + self.penalty.coeff * term
-        detached = term.detach() * steps
+        penalty, coeff = self.penalty, self.penalty.coeff
+        if penalty.anchor is not None:  # l2_init / ewc: a term per optimizer step, 1/steps of it per micro-step
+            if penalty.method == "ewc" and penalty.anchor.weights is None:
+                self._estimate_fisher()
+            term = penalty.weight_term()
+            loss = loss + coeff * term / steps
+            detached = term.detach()
+        else:
+            replay = self.next_replay() if penalty.adds_rows else None
+            data = None if replay is not None else _batch_of(inputs)
+            with self.accelerator.autocast():
+                term = penalty.sums(self.replay_model, data, replay, with_ntp=False)["term"]
+            term = term / ((replay if replay is not None else data).num_targets().clamp_min(1.0) * steps)
+            loss = loss + coeff * term
+            detached = term.detach() * steps
         self._replay_sum = detached if self._replay_sum is None else self._replay_sum + detached
         self._replay_steps += 1
+        if penalty.budget is not None:
+            self._budget_sum = detached if self._budget_sum is None else self._budget_sum + detached
+            self._budget_steps += 1
+            if self.accelerator.sync_gradients:  # the optimizer step's last micro-step: one all-reduce
+                penalty.budget.update(self.accelerator.reduce(self._budget_sum / self._budget_steps, "mean"))
+                self._budget_sum, self._budget_steps = None, 0
         return (loss, outputs) if return_outputs else loss
 
+    def _estimate_fisher(self) -> None:
+        """ewc: the diagonal Fisher of the model as it starts (eval mode: no dropout), from replay sequences."""
+        net = self.replay_model
+        was_training = net.training
+        net.eval()
+        try:
+            self.penalty.estimate_fisher(net, self.replay_settings.replay_ewc_sequences, self.accelerator.autocast)
+        finally:
+            net.train(was_training)
+
     def log(self, logs: dict, *args, **kwargs):
-        """TRL's logging, plus ``replay_loss``: the mean over the micro-steps since the last log (one gather)."""
+        """TRL's logging, plus ``replay_loss`` (the mean over the micro-steps since the last log, one gather) and
+        ``replay_coeff`` (with a budget: its current value and ``replay_kl_smoothed``)."""
         if self._replay_steps and "loss" in logs:
             mean = self.accelerator.gather_for_metrics(self._replay_sum / self._replay_steps).mean()
             logs["replay_loss"] = float(mean)
             self._replay_sum, self._replay_steps = None, 0
+            logs["replay_coeff"] = float(self.penalty.coeff)
+            if self.penalty.budget is not None:
+                logs["replay_kl_smoothed"] = float(self.penalty.budget.smoothed_kl)
         return super().log(logs, *args, **kwargs)
+
+
+def _batch_of(inputs: dict):
+    """TRL's collated batch as the engine's rows: its labels (-100 where not trained) are the target mask."""
+    from selfreplay.data.batch import Batch
+
+    tokens = inputs["input_ids"]
+    labels = inputs.get("labels")
+    mask = None if labels is None else labels != -100
+    return Batch(tokens, mask, inputs.get("position_ids"))
 
 
 class _LazySource:

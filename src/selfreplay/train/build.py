@@ -22,7 +22,8 @@ import torch
 from selfreplay.config import FINETUNE, TrainConfig
 from selfreplay.errors import SelfReplayError
 from selfreplay.models.core import CausalLM, Teacher
-from selfreplay.replay.penalty import REPLAY_ROW_METHODS, ReplayPenalty, replaced_rows
+from selfreplay.replay.penalty import (REPLAY_ROW_METHODS, SOURCE_METHODS, TEACHER_METHODS, WEIGHT_METHODS, ReplayPenalty,
+                                      replaced_rows)
 from selfreplay.train.files import git_commit
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,19 @@ def build_parts(cfg: TrainConfig, kind: str, command: str, device: torch.device,
         data, prev = _records(cfg, tokenizer, data_rows, replay_rows, info)
     parts = Parts(model, data, None, teacher, prev, [], tokenizer, info, init_params, pad_id)
     source = _replay_source(cfg, parts, teacher_info, replay_rows, rank, world) \
-        if r.method in REPLAY_ROW_METHODS + ("replace",) else None
+        if r.method in SOURCE_METHODS else None
+    anchor = budget = None
+    if r.method in WEIGHT_METHODS:
+        from selfreplay.replay.anchor import WeightAnchor
+
+        anchor = WeightAnchor(model)  # after LoRA: the trainable weights as they start
+    if r.target_kl is not None:
+        from selfreplay.replay.budget import ForgettingBudget
+
+        budget = ForgettingBudget(r.target_kl, r.coeff, r.target_kl_step, r.target_kl_smoothing, r.coeff_min,
+                                  r.coeff_max, device)
     parts.penalty = ReplayPenalty(r.method, r.coeff, teacher, source, r.divergence, r.jsd_beta,
-                                  chunk_size_for(cfg, model.vocab_size), r.fraction, pad_id)
+                                  chunk_size_for(cfg, model.vocab_size), r.fraction, pad_id, anchor, budget)
     if cfg.eval.mcq:
         parts.evaluators.append(_mcq_evaluator(cfg, tokenizer))
     return parts
@@ -131,7 +142,7 @@ def _teacher(cfg: TrainConfig, kind: str, model: CausalLM, finetune: bool) -> Op
     built-in GPT always keeps one: small, and it gives valid_kl and drift)."""
     if not finetune:
         return None
-    needs = cfg.replay.method in ("kl", "kl_downstream") or kind == "gpt" or cfg.eval.prev is not None
+    needs = cfg.replay.method in TEACHER_METHODS or kind == "gpt" or cfg.eval.prev is not None
     teacher = None
     if cfg.lora.r == 0 and needs:
         from selfreplay.models.hf import resolve_dtype
@@ -266,7 +277,11 @@ def _self_replay(cfg: TrainConfig, parts: Parts, teacher_info: dict, rows: int, 
     # under bf16 (and compiled graphs) the teacher runs again, as for real replay: both use the same targets
     keep = r.method == "kl" and {"true": True, "false": False}.get(str(r.keep_targets).lower(), not low)
     parts.info["replay"].update(prompts=prompts.rows, length=length, keeps_targets=keep)
-    return SelfGeneratedReplay(parts.teacher, prompts, rows // world if per_rank else rows, length, r.buffer,
+    teacher = parts.teacher
+    if teacher is None:  # ewc without a frozen copy: it samples once, at step 0, when the student is the teacher
+        teacher = Teacher(parts.model)
+    buffer = -(-r.ewc_sequences // rows) if r.method == "ewc" else r.buffer  # ewc samples only what it uses
+    return SelfGeneratedReplay(teacher, prompts, rows // world if per_rank else rows, length, buffer,
                                r.temperature, r.top_k, r.top_p, eos, parts.pad_id,
                                cfg.seed + (RANK_SEED_STRIDE * rank if per_rank else 0),
                                keep_targets=keep, max_targets_bytes=int(r.max_logprobs_gib * 2 ** 30),

@@ -16,11 +16,14 @@ KIND_DEFAULTS = {
     "data.batch_size": (256, 128),
     "optim.lr": (1e-3, 1e-5),
     "optim.beta2": (0.999, 0.997),
-    "replay.coeff": (10.0, 1.0),
     "replay.batch_size": (64, 32),
     "replay.buffer": (16, 32),
     "eval.batch_size": (64, 8),
 }
+
+
+KIND_DEFAULTS_COEFF = (10.0, 1.0)  # replay.coeff of kl / ntp / kl_downstream
+METHOD_COEFFS = {"asft": 0.1, "l2_init": 1e-3, "ewc": 100.0}  # other methods' own scales
 
 
 def _get(cfg, key: str):
@@ -40,6 +43,8 @@ def resolve_defaults(cfg: TrainConfig, kind: str, command: str) -> TrainConfig:
             _set(cfg, key, gpt if kind == "gpt" else hf)
     if cfg.replay.method is None:
         cfg.replay.method = "kl" if command == FINETUNE else "none"
+    if cfg.replay.coeff is None:
+        cfg.replay.coeff = METHOD_COEFFS.get(cfg.replay.method) or KIND_DEFAULTS_COEFF[kind != "gpt"]
     if cfg.lora.r > 0:
         if cfg.lora.alpha is None:
             cfg.lora.alpha = float(cfg.lora.r if kind == "gpt" else 2 * cfg.lora.r)
@@ -160,6 +165,14 @@ def _check_replay(cfg: TrainConfig, kind: str, command: str) -> None:
         raise SelfReplayError(f"replay.jsd_beta={r.jsd_beta}: expected a value in (0, 1)")
     if r.coeff < 0:
         raise SelfReplayError(f"replay.coeff={r.coeff}: must be >= 0 (a negative one trains away from the teacher)")
+    if r.target_kl is not None:
+        from selfreplay.replay.budget import check_budget
+
+        if r.method != "kl":
+            raise SelfReplayError(f"replay.target_kl: a forgetting budget controls the replay KL; replay.method="
+                                  f"{r.method} has none (use replay.method=kl)")
+        check_budget(r.target_kl, r.coeff, r.target_kl_step, r.target_kl_smoothing, r.coeff_min, r.coeff_max)
+    _positive("replay.ewc_sequences", r.ewc_sequences, allow_none=False)
     if r.method == "replace" and not 0.0 < r.fraction < 1.0:
         raise SelfReplayError(f"replay.fraction={r.fraction}: expected a fraction in (0, 1)")
     for name in ("batch_size", "buffer", "length", "top_k"):
@@ -177,6 +190,8 @@ def _check_replay(cfg: TrainConfig, kind: str, command: str) -> None:
     if kind == "hf" and (r.domains or r.stop_at_eos):
         raise SelfReplayError("replay.domains / replay.stop_at_eos: built-in GPT options; a Hugging Face model's "
                               "replay is prompted by replay.prompt and ignores EOS")
+    if kind == "gpt" and any(not 0 <= d < 10 for d in r.domains):
+        raise SelfReplayError(f"replay.domains={list(r.domains)}: the built-in GPT's domain tokens are ids 0..9")
     if kind == "gpt" and r.prompt != "bos":
         raise SelfReplayError("replay.prompt=chat: needs a Hugging Face model with a chat template (the built-in "
                               "GPT is prompted by replay.domains)")

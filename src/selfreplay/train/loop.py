@@ -105,7 +105,11 @@ class Trainer:
         self.accum = cfg.gradient_accumulation_steps
         self.autocast = autocast_for(device, cfg.precision)
         self.chunk_size = chunk_size_for(cfg, self.model.vocab_size)
+        if self.penalty.method == "ewc" and not resume:  # before sharding (a resumed run restores it)
+            self.penalty.estimate_fisher(self.model, cfg.replay.ewc_sequences, self.autocast)
         self.module = dist.wrap_model(self.model, cfg.distributed.strategy, device)
+        if self.penalty.anchor is not None:
+            self.penalty.anchor.bind(self.model)
         if self.teacher is not None:
             self.teacher.use_forward_module(self.module)
         self.forward = self.module
@@ -158,12 +162,17 @@ class Trainer:
         totals = dist.reduce_sum(counts).clamp_min(1.0) / self.world  # DDP / FSDP average gradients over ranks
         acc = torch.zeros(2, device=self.device)
         rows, r_rows = len(batch) // self.accum, (len(replay) // self.accum if replay is not None else 0)
+        coeff, weight_term = self.penalty.coeff, None
         for i in range(self.accum):
             micro = batch.rows(slice(i * rows, (i + 1) * rows))
             micro_replay = replay.rows(slice(i * r_rows, (i + 1) * r_rows)) if replay is not None else None
-            with dist.no_sync(self.module, skip=i < self.accum - 1), self.autocast():
+            last = i == self.accum - 1
+            with dist.no_sync(self.module, skip=not last), self.autocast():
                 sums = self.penalty.sums(self.forward, micro, micro_replay)
                 loss = self.penalty.loss(sums, totals[0], totals[1])
+                if last and self.penalty.anchor is not None:  # l2_init / ewc: once per step, on every rank
+                    weight_term = self.penalty.weight_term()
+                    loss = loss + coeff * weight_term
             loss.backward()
             acc += torch.stack((sums["ntp"].detach().float(), sums["term"].detach().float()))
         if self.cfg.optim.grad_clip:
@@ -172,9 +181,13 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         shares = acc / (totals * self.world)
-        parts = {"ntp": shares[0], "loss": shares[0] + self.penalty.coeff * shares[1]}
-        if self.penalty.has_term:
+        if weight_term is not None:
+            shares[1] = weight_term.detach().float() / self.world
+        parts = {"ntp": shares[0], "loss": shares[0] + coeff * shares[1]}
+        if self.penalty.has_term or weight_term is not None:
             parts["replay"] = shares[1]
+        if self.penalty.budget is not None:
+            self.penalty.budget.update(dist.reduce_sum(shares[1]))
         self._finite &= torch.isfinite(parts["loss"])
         return parts
 
@@ -350,7 +363,9 @@ class Trainer:
         st, cfg = self.state, self.cfg
         self._check_finite("training")
         record = {"step": st.step, "tokens": st.tokens, "epoch": self.data.epochs_done, "train_time": st.train_time,
-                  "lr": self.scheduler.get_last_lr()[0], "replay_coeff": self.penalty.coeff}
+                  "lr": self.scheduler.get_last_lr()[0], "replay_coeff": float(self.penalty.coeff)}
+        if self.penalty.budget is not None:
+            record["replay_kl_smoothed"] = float(self.penalty.budget.smoothed_kl)
         if st.steps_since_eval:
             keys = sorted(st.sums)
             values = dist.reduce_sum(torch.stack([torch.as_tensor(st.sums[k], device=self.device).float()
@@ -401,7 +416,7 @@ class Trainer:
         state = {"config": config_to_dict(self.cfg), "counters": counters, "model": model_state,
                  "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                  "data": self.data.state_dict(), "replay": replays, "world_size": self.world,
-                 "penalty": {"coeff": self.penalty.coeff},
+                 "penalty": self.penalty.state_dict(),
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
         path = ckpt.save_checkpoint(self.run_dir, st.step, lambda tmp: torch.save(state, tmp / ckpt.STATE))
@@ -424,7 +439,7 @@ class Trainer:
         if source is not None and replays and replays[0] is not None:
             if len(replays) == self.world or not self.parts.replay_per_rank:
                 source.load_state_dict(replays[self.rank if self.parts.replay_per_rank else 0])
-        self.penalty.coeff = state["penalty"]["coeff"]
+        self.penalty.load_state_dict(state["penalty"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -82,3 +82,24 @@ def test_bad_self_options_are_one_line(finetunes, capsys, argv, words):
     assert code == 2 and err.count("\n") == 1, err
     for w in words:
         assert w in err, err
+
+
+def test_spearman_matches_the_textbook_formula_and_handles_ties():
+    from selfreplay.evaluate.self_kl import spearman
+
+    a, b = [0.0155, 0.0158, 1.97, 0.087, 0.061, 2.37], [0.0147, 0.0145, 1.96, 0.084, 0.060, 2.37]
+    d2 = sum((x - y) ** 2 for x, y in zip([1, 2, 5, 4, 3, 6], [2, 1, 5, 4, 3, 6]))
+    assert spearman(a, b) == pytest.approx(1 - 6 * d2 / (6 * 35))
+    assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_the_data_free_estimate_is_compared_with_each_held_out_set():
+    from selfreplay.evaluate.self_kl import compare_with_held_out
+
+    free = [{"model": m, "self_kl": k} for m, k in [("a", 0.01), ("b", 0.1), ("c", 1.0)]]
+    rows = [{"model": m, "data": "en", "kl": k, "delta": d} for m, k, d in
+            [("a", 0.02, -0.1), ("b", 0.1, 0.2), ("c", 0.5, 0.3)]]
+    (line,) = compare_with_held_out(free, rows)
+    assert "held-out en (3 models)" in line and "ρ 1.000 with its KL" in line and "median 1.00" in line
+    assert compare_with_held_out(free[:2], rows) == []  # fewer than three models: no ranking

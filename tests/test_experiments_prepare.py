@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import pytest
 
@@ -59,6 +60,12 @@ def test_an_output_without_a_recipe_is_kept_only_when_its_metadata_matches(tmp_p
     for name in ("en", "es"):
         (tmp_path / "work" / name / RECIPE).unlink()  # as an earlier version left them
     prepare_data(_block(tmp_path, en, es, 2000), lambda m: None)  # matching metadata: adopted
+    assert (tmp_path / "work" / "en" / RECIPE).is_file()
+    (tmp_path / "work" / "en" / RECIPE).unlink()
+    # the quick start's `selfreplay tokenize` records the input's absolute path; a sweep may name it relatively
+    relative = _block(tmp_path, en, es, 2000)
+    relative["corpora"]["en"]["inputs"] = [os.path.relpath(en)]
+    prepare_data(relative, lambda m: None)
     assert (tmp_path / "work" / "en" / RECIPE).is_file()
     (tmp_path / "work" / "en" / RECIPE).unlink()
     with pytest.raises(SelfReplayError, match="does not match this experiment's recipe"):

@@ -14,17 +14,35 @@ from selfreplay.replay.budget import ForgettingBudget
 from selfreplay.train import train
 
 
-def test_the_update_is_dual_ascent_on_log_c_from_a_bias_corrected_average():
-    budget = ForgettingBudget(target=0.1, start=2.0, step=0.05, smoothing=0.9, coeff_min=0.5, coeff_max=100.0)
-    log_c, average = math.log(2.0), 0.0
+@pytest.mark.parametrize("gain", [0.0, 1.0])
+def test_the_update_is_dual_ascent_on_log_c_from_a_bias_corrected_average(gain):
+    budget = ForgettingBudget(target=0.1, start=2.0, step=0.05, smoothing=0.9, coeff_min=0.5, coeff_max=100.0,
+                              gain=gain)
+    integral, average = math.log(2.0), 0.0
     for t, kl in enumerate([0.0, 0.3, 0.5, 0.05, 2.0, 0.1], start=1):
         budget.update(torch.tensor(kl))
         average = 0.9 * average + 0.1 * kl
         smoothed = average / (1 - 0.9 ** t)
-        ratio = math.log(max(smoothed, 0.1 * 1e-6) / 0.1)
-        log_c = min(max(log_c + 0.05 * min(max(ratio, -2.0), 2.0), math.log(0.5)), math.log(100.0))
+        error = min(max(math.log(max(smoothed, 0.1 * 1e-6) / 0.1), -2.0), 0.5)
+        integral = min(max(integral + 0.05 * error, math.log(0.5)), math.log(100.0))
+        log_c = min(max(integral + gain * error, math.log(0.5)), math.log(100.0))
         assert float(budget.smoothed_kl) == pytest.approx(smoothed, rel=1e-6)  # the KL arrives as float32
         assert float(budget.coeff) == pytest.approx(math.exp(log_c), rel=1e-6)
+
+
+def test_the_coefficient_holds_during_the_warmup_unless_the_kl_reaches_the_target_first():
+    quiet, loud = ForgettingBudget(0.1, 2.0, hold=3), ForgettingBudget(0.1, 2.0, hold=3)
+    for _ in range(3):
+        quiet.update(torch.tensor(0.001))  # a student still in its warmup: the KL says nothing about c yet
+        loud.update(torch.tensor(0.5))
+    assert float(quiet.coeff) == pytest.approx(2.0) and float(loud.coeff) > 2.0
+    quiet.update(torch.tensor(0.001))  # the warmup is over
+    assert float(quiet.coeff) < 2.0
+    resumed = ForgettingBudget(0.1, 2.0, hold=3)
+    resumed.load_state_dict(loud.state_dict())
+    resumed.update(torch.tensor(0.0))
+    loud.update(torch.tensor(0.0))
+    assert float(resumed.coeff) == float(loud.coeff)
 
 
 def test_the_coefficient_rises_over_the_target_falls_under_it_and_stays_in_its_range():
@@ -74,6 +92,7 @@ def test_a_hugging_face_budget_moves_the_coefficient_the_right_way(hf_files, tmp
     ("replay.method=ntp", ["replay.target_kl", "replay.method=ntp", "has none"]),
     ("replay.method=l2_init", ["replay.target_kl", "l2_init"]),
     ("replay.coeff=0", ["replay.coeff=0", "positive coefficient"]),
+    ("replay.target_kl_gain=-1", ["replay.target_kl_gain=-1", "zero or positive"]),
 ])
 def test_a_budget_that_cannot_work_is_one_line(corpora, pretrained, tmp_path, capsys, override, words):
     args = tiny_overrides(tmp_path / "run", corpora["es"], **{

@@ -6,6 +6,7 @@ are imported only by the command that runs, so ``--help`` is instant.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,8 +22,9 @@ THREADS = click.option("--threads", type=int, default=None,
 
 
 def _split_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Separate YAML config files from key=value overrides."""
-    return [a for a in args if "=" not in a], [a for a in args if "=" in a]
+    """Separate YAML config files from key=value overrides (a config file's path may hold '=', as sweep runs' do)."""
+    is_file = [("=" not in a) or (a.endswith((".yaml", ".yml")) and os.path.isfile(a)) for a in args]
+    return [a for a, f in zip(args, is_file) if f], [a for a, f in zip(args, is_file) if not f]
 
 
 def _threads(threads: Optional[int]) -> None:
@@ -145,7 +147,7 @@ _train_command(FINETUNE)
               help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
 @click.option("--self", "self_sequences", type=int, default=None,
               help="data-free forgetting: KL(teacher || model) per token on this many sequences the teacher samples "
-                   "itself (as self-generated replay), with a 95%% bootstrap interval")
+                   "itself (as self-generated replay), with a 95% bootstrap interval")
 @click.option("--self-length", type=int, default=None, help="--self: tokens per sequence (default: the built-in "
                                                             "GPT's context / 512)")
 @click.option("--prompt", type=click.Choice(["bos", "chat"]), default="bos", show_default=True,
@@ -193,6 +195,11 @@ def eval_command(models, more_models, corpora, data_files, teacher, mcq_files, m
                                  batch_size, seq_len, split, text_field, device, dtype)
         click.echo(format_report(rows))
         results["rows"] = rows
+        if self_sequences is not None:
+            from selfreplay.evaluate.self_kl import compare_with_held_out
+
+            for line in compare_with_held_out(results["self_kl"], rows):
+                click.echo(line)
     if mcq_files or tasks:
         results["benchmarks"] = [benchmark_report(n, mcq_files, tasks, batch_size, split, mcq_format, device=device,
                                                   dtype=dtype) for n in names]

@@ -132,3 +132,44 @@ def format_self_kl(rows: list[dict]) -> str:
         lines.append(f"{r['model']:<40} {interval:>34}  {r['sequences']:>9}")
     lines.append(f"(nats per token; {rows[0]['confidence']:.0%} bootstrap interval over sequences)" if rows else "")
     return "\n".join(lines)
+
+
+def _ranks(values: list[float]) -> "np.ndarray":
+    """Ranks 1..n, ties sharing their mean rank."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    order = v.argsort(kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(1, len(v) + 1)
+    for value in np.unique(v):
+        ranks[v == value] = ranks[v == value].mean()
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (Pearson's on the ranks)."""
+    import numpy as np
+
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+
+
+def compare_with_held_out(self_rows: list[dict], rows: list[dict]) -> list[str]:
+    """How the data-free estimate ranks the models against each held-out data set of ``selfreplay eval`` (3+ models):
+    Spearman's ρ with the real KL and with the loss increase, and the median ratio data-free / real KL."""
+    import numpy as np
+
+    estimate = {r["model"]: r["self_kl"] for r in self_rows}
+    lines = []
+    for data in dict.fromkeys(r["data"] for r in rows):
+        held = [r for r in rows if r["data"] == data and r["model"] in estimate and r.get("kl") is not None]
+        if len(held) < 3:
+            continue
+        free = [estimate[r["model"]] for r in held]
+        ratio = float(np.median([f / r["kl"] for f, r in zip(free, held) if r["kl"] > 0]))
+        with_kl, with_loss = spearman(free, [r["kl"] for r in held]), spearman(free, [r["delta"] for r in held])
+        lines.append(f"data-free vs held-out {data} ({len(held)} models): Spearman ρ {with_kl:.3f} with its KL, "
+                     f"{with_loss:.3f} with its loss increase; data-free / held-out KL: median {ratio:.2f}")
+    return lines

@@ -83,7 +83,8 @@ def prepare_data(prepare: dict, log: Callable[[str], None] = print) -> None:
 
         def legacy() -> bool:
             meta = Corpus.open(out).meta
-            return (meta.source == [str(p) for p in spec["inputs"]] and meta.domain_token == spec["domain_token"]
+            same_inputs = [os.path.realpath(p) for p in meta.source] == [os.path.realpath(p) for p in spec["inputs"]]
+            return (same_inputs and meta.domain_token == spec["domain_token"]
                     and meta.tokenizer_fingerprint == fingerprint
                     and (spec.get("max_tokens") is None or meta.num_tokens == spec["max_tokens"]))
 

@@ -59,6 +59,7 @@ class ReplaySettings:
     replay_target_kl_step: float = _f(0.05, "step of log replay_coeff per optimizer step (see selfreplay.replay."
                                             "budget)")
     replay_target_kl_smoothing: float = _f(0.9, "moving-average factor of the replay KL estimate")
+    replay_target_kl_gain: float = _f(0.0, "proportional gain on log replay_coeff (see selfreplay.replay.budget)")
     replay_coeff_min: float = _f(1e-3, "lower clamp of an adapted replay_coeff")
     replay_coeff_max: float = _f(1e4, "upper clamp of an adapted replay_coeff")
     replay_ewc_sequences: int = _f(64, "replay_method=ewc: sequences the diagonal Fisher is estimated from")
@@ -96,7 +97,8 @@ class ReplaySettings:
                 raise SelfReplayError(f"replay_target_kl: a forgetting budget controls the replay KL; replay_method="
                                       f"{self.replay_method} has none (use replay_method='kl')")
             check_budget(self.replay_target_kl, self.replay_coeff, self.replay_target_kl_step,
-                         self.replay_target_kl_smoothing, self.replay_coeff_min, self.replay_coeff_max, "replay_")
+                         self.replay_target_kl_smoothing, self.replay_coeff_min, self.replay_coeff_max,
+                         self.replay_target_kl_gain, "replay_")
         for name in ("replay_batch_size", "replay_buffer", "loss_chunk_size", "replay_ewc_sequences"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise SelfReplayError(f"{name}={getattr(self, name)!r}: expected a positive integer")
@@ -250,7 +252,8 @@ class _ReplayMixin:
 
             budget = ForgettingBudget(s.replay_target_kl, s.replay_coeff, s.replay_target_kl_step,
                                       s.replay_target_kl_smoothing, s.replay_coeff_min, s.replay_coeff_max,
-                                      self.args.device)
+                                      self.args.device, s.replay_target_kl_gain,
+                                      hold=int(self.args.warmup_steps) if (self.args.warmup_steps or 0) >= 1 else 0)
         self.penalty = ReplayPenalty(s.replay_method, s.replay_coeff, self.teacher, source=_LazySource(self),
                                      divergence=s.replay_divergence, chunk_size=s.loss_chunk_size, anchor=anchor,
                                      budget=budget)

@@ -5,10 +5,16 @@ Users think "learn the new data, lose at most this much of the old", not "coeffi
 optimizer step by dual ascent on log c:
 
     k̄  ← smoothing · k̄ + (1 - smoothing) · KL_step          (bias-corrected, as Adam's moments)
-    log c ← clamp(log c + step · clamp(log(k̄ / target), -2, 2), log coeff_min, log coeff_max)
+    e  = clamp(log(k̄ / target), -2, 0.5)
+    I  ← clamp(I + step · e, log coeff_min, log coeff_max)    (I starts at log replay.coeff)
+    log c = clamp(I + gain · e, log coeff_min, log coeff_max)  (gain 0, the default: plain dual ascent)
 
 so c grows while the smoothed replay KL is over the target and shrinks while it is under, multiplicatively
-(the KL of a converged run falls roughly as a power of c, so steps in log c are the same size at every scale).
+(the KL of a converged run falls roughly as a power of c, so steps in log c are the same size at every scale);
+it rises at most 4× slower than it may fall, because the KL answers a larger c only some steps later.
+During the learning-rate warmup c holds at its start unless the KL reaches the target first: a student that has
+barely moved has a KL near 0 that says nothing about c, and following it would send c to its floor just before
+the learning rate peaks (measured: a 0.01 budget then overshot to c = 70 and ended at half its target).
 The update stays on the device (no host sync); the state is part of checkpoints. The KL per token on replay
 sequences that the teacher itself generates estimates how much worse the model has become at the teacher's own
 distribution: a budget of 0.05 nats means the old data's loss may rise by about 0.05 nats per token.
@@ -22,21 +28,28 @@ import torch
 
 from selfreplay.errors import SelfReplayError
 
-MAX_LOG_RATIO = 2.0  # one step moves log c by at most step · 2
+# one step moves log c up by at most step · 0.5 and down by at most step · 2: the KL answers a larger c only some
+# steps later, so a fast rise overshoots (measured: c 10 -> 50 -> 70 for a 0.01 budget, ending at half the target)
+MAX_RISE, MAX_FALL = 0.5, 2.0
+STATE = ("integral", "log_coeff", "average", "updates", "released")
 
 
 class ForgettingBudget:
     """Adapts the replay coefficient so that the smoothed replay KL tracks ``target`` nats per token."""
 
     def __init__(self, target: float, start: float, step: float = 0.05, smoothing: float = 0.9,
-                 coeff_min: float = 1e-3, coeff_max: float = 1e4, device: torch.device | str = "cpu"):
-        check_budget(target, start, step, smoothing, coeff_min, coeff_max)
-        self.target, self.step, self.smoothing = float(target), float(step), float(smoothing)
+                 coeff_min: float = 1e-3, coeff_max: float = 1e4, device: torch.device | str = "cpu",
+                 gain: float = 0.0, hold: int = 0):
+        check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain)
+        self.target, self.step, self.smoothing, self.gain = float(target), float(step), float(smoothing), float(gain)
         self.log_min, self.log_max = math.log(coeff_min), math.log(coeff_max)
         start = min(max(start, coeff_min), coeff_max)
-        self.log_coeff = torch.tensor(math.log(start), dtype=torch.float64, device=device)
+        self.integral = torch.tensor(math.log(start), dtype=torch.float64, device=device)
+        self.log_coeff = self.integral.clone()
         self.average = torch.zeros((), dtype=torch.float64, device=device)  # EMA of the replay KL, biased to 0
         self.updates = torch.zeros((), dtype=torch.float64, device=device)
+        self.hold = int(hold)  # c stays at its start for this many updates, unless the KL reaches the target first
+        self.released = torch.zeros((), dtype=torch.float64, device=device)
 
     @property
     def coeff(self) -> torch.Tensor:
@@ -53,20 +66,23 @@ class ForgettingBudget:
         kl = kl.detach().to(self.average.device, torch.float64)
         self.average = self.smoothing * self.average + (1.0 - self.smoothing) * kl
         self.updates = self.updates + 1
-        ratio = torch.log(self.smoothed_kl.clamp_min(self.target * 1e-6) / self.target)
-        self.log_coeff = (self.log_coeff + self.step * ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)).clamp(
-            self.log_min, self.log_max)
+        smoothed = self.smoothed_kl
+        self.released = torch.maximum(self.released, ((smoothed >= self.target) | (self.updates > self.hold)).double())
+        error = torch.log(smoothed.clamp_min(self.target * 1e-6) / self.target).clamp(
+            -MAX_FALL, MAX_RISE) * self.released
+        self.integral = (self.integral + self.step * error).clamp(self.log_min, self.log_max)
+        self.log_coeff = (self.integral + self.gain * error).clamp(self.log_min, self.log_max)
 
     def state_dict(self) -> dict:
-        return {"log_coeff": float(self.log_coeff), "average": float(self.average), "updates": float(self.updates)}
+        return {name: float(getattr(self, name)) for name in STATE}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.log_coeff.device
-        for name in ("log_coeff", "average", "updates"):
-            setattr(self, name, torch.tensor(state[name], dtype=torch.float64, device=device))
+        for name in STATE:
+            setattr(self, name, torch.tensor(state.get(name, 1.0), dtype=torch.float64, device=device))
 
 
-def check_budget(target, start, step, smoothing, coeff_min, coeff_max, prefix: str = "replay.") -> None:
+def check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain=0.0, prefix: str = "replay.") -> None:
     """One-line errors for a budget that cannot work."""
     if target is None or not target > 0:
         raise SelfReplayError(f"{prefix}target_kl={target}: expected a positive number of nats per token")
@@ -75,6 +91,8 @@ def check_budget(target, start, step, smoothing, coeff_min, coeff_max, prefix: s
                               f"adapts it multiplicatively); set {prefix}coeff to e.g. 1")
     if not step > 0:
         raise SelfReplayError(f"{prefix}target_kl_step={step}: must be positive")
+    if not gain >= 0:
+        raise SelfReplayError(f"{prefix}target_kl_gain={gain}: must be zero or positive")
     if not 0 <= smoothing < 1:
         raise SelfReplayError(f"{prefix}target_kl_smoothing={smoothing}: expected a value in [0, 1)")
     if not 0 < coeff_min < coeff_max:

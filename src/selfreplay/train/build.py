@@ -88,7 +88,7 @@ def build_parts(cfg: TrainConfig, kind: str, command: str, device: torch.device,
         from selfreplay.replay.budget import ForgettingBudget
 
         budget = ForgettingBudget(r.target_kl, r.coeff, r.target_kl_step, r.target_kl_smoothing, r.coeff_min,
-                                  r.coeff_max, device)
+                                  r.coeff_max, device, r.target_kl_gain)
     parts.penalty = ReplayPenalty(r.method, r.coeff, teacher, source, r.divergence, r.jsd_beta,
                                   chunk_size_for(cfg, model.vocab_size), r.fraction, pad_id, anchor, budget)
     if cfg.eval.mcq:

@@ -18,12 +18,13 @@ from selfreplay.train import train
 def test_the_update_is_dual_ascent_on_log_c_from_a_bias_corrected_average(gain):
     budget = ForgettingBudget(target=0.1, start=2.0, step=0.05, smoothing=0.9, coeff_min=0.5, coeff_max=100.0,
                               gain=gain)
-    integral, average = math.log(2.0), 0.0
+    integral, average, released = math.log(2.0), 0.0, False
     for t, kl in enumerate([0.0, 0.3, 0.5, 0.05, 2.0, 0.1], start=1):
         budget.update(torch.tensor(kl))
         average = 0.9 * average + 0.1 * kl
         smoothed = average / (1 - 0.9 ** t)
-        error = min(max(math.log(max(smoothed, 0.1 * 1e-6) / 0.1), -2.0), 0.5)
+        released = released or smoothed >= 0.1 or t > 1  # the first update's KL is at the teacher's weights: held
+        error = min(max(math.log(max(smoothed, 0.1 * 1e-6) / 0.1), -2.0), 0.5) if released else 0.0
         integral = min(max(integral + 0.05 * error, math.log(0.5)), math.log(100.0))
         log_c = min(max(integral + gain * error, math.log(0.5)), math.log(100.0))
         assert float(budget.smoothed_kl) == pytest.approx(smoothed, rel=1e-6)  # the KL arrives as float32

@@ -12,7 +12,8 @@ optimizer step by dual ascent on log c:
 so c grows while the smoothed replay KL is over the target and shrinks while it is under, multiplicatively
 (the KL of a converged run falls roughly as a power of c, so steps in log c are the same size at every scale);
 it rises at most 4× slower than it may fall, because the KL answers a larger c only some steps later.
-During the learning-rate warmup c holds at its start unless the KL reaches the target first: a student that has
+During the learning-rate warmup (and always at the first update, whose KL is measured at the teacher's own
+weights) c holds at its start unless the KL reaches the target first: a student that has
 barely moved has a KL near 0 that says nothing about c, and following it would send c to its floor just before
 the learning rate peaks (measured: a 0.01 budget then overshot to c = 70 and ended at half its target).
 The update stays on the device (no host sync); the state is part of checkpoints. The KL per token on replay
@@ -48,7 +49,9 @@ class ForgettingBudget:
         self.log_coeff = self.integral.clone()
         self.average = torch.zeros((), dtype=torch.float64, device=device)  # EMA of the replay KL, biased to 0
         self.updates = torch.zeros((), dtype=torch.float64, device=device)
-        self.hold = int(hold)  # c stays at its start for this many updates, unless the KL reaches the target first
+        # c stays at its start for this many updates unless the KL reaches the target first; at least for the first,
+        # whose KL is measured at the teacher's own weights (0)
+        self.hold = max(1, int(hold))
         self.released = torch.zeros((), dtype=torch.float64, device=device)
 
     @property

@@ -124,7 +124,7 @@ class Trainer:
         self.tokens_per_step = cfg.data.batch_size * self.data.seq_len
         self.total_steps = self._total_steps()
         if self.penalty.budget is not None:  # the KL of a student still in its warmup says little about c
-            self.penalty.budget.hold = math.ceil(cfg.optim.warmup_tokens / self.tokens_per_step)
+            self.penalty.budget.hold = max(1, math.ceil(cfg.optim.warmup_tokens / self.tokens_per_step))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.tokens_per_step, cfg.optim.warmup_tokens, cfg.optim.schedule, self.total_steps))
         self.state = TrainState()

@@ -125,10 +125,8 @@ def test_full_finetuning_teacher_is_a_frozen_copy():
     assert next(model.parameters()).dtype == torch.float32  # the student is untouched
 
 
-def test_save_merged_lora_loads_with_plain_transformers(tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def _trained_lora():
+    """A tiny Llama with LoRA adapters after one large step: its tokenizer, model, input ids and logits."""
     tok = tiny_tokenizer()
     model = _lora(_wrap(tiny_llama(VOCAB)))
     ids = _ids()
@@ -136,6 +134,15 @@ def test_save_merged_lora_loads_with_plain_transformers(tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model(ids)
+    return tok, model, ids, expected
+
+
+def test_save_merged_lora_loads_with_plain_transformers(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tok, model, ids, expected = _trained_lora()
+    with torch.no_grad():
         assert not torch.allclose(expected, tiny_llama(VOCAB)(input_ids=ids).logits, atol=1e-3)  # LoRA moved it
     save_hf(model.net, tok, tmp_path / "merged", merge_lora=True, state=model.net.state_dict())
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
@@ -156,13 +163,7 @@ def test_save_merged_lora_loads_with_plain_transformers(tmp_path):
 def test_engine_save_puts_the_merged_model_in_run_dir_model(tmp_path):
     """models.save_model (what the training loop calls) writes run_dir/model, which load_model opens from the run
     directory."""
-    tok = tiny_tokenizer()
-    model = _lora(_wrap(tiny_llama(VOCAB)))
-    ids = _ids()
-    _train_step(model, ids, lr=0.5)
-    model.eval()
-    with torch.no_grad():
-        expected = model(ids)
+    tok, model, ids, expected = _trained_lora()
     save_model(model, model, tmp_path / "run", tok, merge_lora=True, info={})
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     loaded = load_model(str(tmp_path / "run"))

@@ -188,6 +188,13 @@ def test_end_to_end_skip_resume_and_results(corpora, tmp_path):
     with pytest.raises(SelfReplayError) as e:
         run_sweep(exp2, in_process=True, log=lambda s: None)
     one_line_error(e, "finished with a different stop", "delete")
+    # ... but a setting only a forgetting budget reads does not make a fixed-coefficient run stale
+    budget_tuned = tiny_experiment(corpora, stages={"pretrain": {"grid": {"optim.lr": [3e-3]}},
+                                                    "finetune": {"grid": {"replay.coeff": [1.0]},
+                                                                 "base": {"replay.target_kl_step": 0.5}}})
+    exp3 = load_experiment(write_yaml(tmp_path / "tiny.yaml", budget_tuned), "cpu", tmp_path / "runs")
+    reused = run_sweep(exp3, in_process=True, log=lambda s: None)
+    assert reused.finished == [] and not reused.failed
 
 
 def test_failed_run_is_recorded_and_dependents_skipped(corpora, tmp_path):

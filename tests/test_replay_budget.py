@@ -12,32 +12,34 @@ from selfreplay.errors import SelfReplayError
 from selfreplay.evaluate.metrics import read_metrics
 from selfreplay.replay.budget import ForgettingBudget
 from selfreplay.train import train
+from selfreplay.train.optim import lr_factor
 
 
 @pytest.mark.parametrize("gain", [0.0, 1.0])
-def test_the_update_is_dual_ascent_on_log_c_from_a_bias_corrected_average(gain):
-    budget = ForgettingBudget(target=0.1, start=2.0, step=0.05, smoothing=0.9, coeff_min=0.5, coeff_max=100.0,
+def test_the_update_is_dual_ascent_on_log_c_from_a_bias_corrected_average_at_the_pace_of_the_lr(gain):
+    budget = ForgettingBudget(target=0.1, start=2.0, step=0.2, smoothing=0.9, coeff_min=0.5, coeff_max=100.0,
                               gain=gain)
     integral, average, released = math.log(2.0), 0.0, False
-    for t, kl in enumerate([0.0, 0.3, 0.5, 0.05, 2.0, 0.1], start=1):
-        budget.update(torch.tensor(kl))
+    kls, lr_scales = [0.0, 0.3, 0.5, 0.05, 2.0, 0.1, 0.01], [0.2, 0.6, 1.0, 1.0, 0.7, 0.3, 0.0]
+    for t, (kl, lr_scale) in enumerate(zip(kls, lr_scales), start=1):
+        budget.update(torch.tensor(kl), lr_scale)
         average = 0.9 * average + 0.1 * kl
         smoothed = average / (1 - 0.9 ** t)
         released = released or smoothed >= 0.1 or t > 1  # the first update's KL is at the teacher's weights: held
-        error = min(max(math.log(max(smoothed, 0.1 * 1e-6) / 0.1), -2.0), 0.5) if released else 0.0
-        integral = min(max(integral + 0.05 * error, math.log(0.5)), math.log(100.0))
+        error = min(max(math.log(max(smoothed, 0.1 * 1e-6) / 0.1), -2.0), 0.05) if released else 0.0
+        integral = min(max(integral + 0.2 * lr_scale * error, math.log(0.5)), math.log(100.0))
         log_c = min(max(integral + gain * error, math.log(0.5)), math.log(100.0))
         assert float(budget.smoothed_kl) == pytest.approx(smoothed, rel=1e-6)  # the KL arrives as float32
         assert float(budget.coeff) == pytest.approx(math.exp(log_c), rel=1e-6)
 
 
-def test_the_coefficient_holds_during_the_warmup_unless_the_kl_reaches_the_target_first():
+def test_the_coefficient_holds_for_its_first_updates_unless_the_kl_reaches_the_target_first():
     quiet, loud = ForgettingBudget(0.1, 2.0, hold=3), ForgettingBudget(0.1, 2.0, hold=3)
     for _ in range(3):
-        quiet.update(torch.tensor(0.001))  # a student still in its warmup: the KL says nothing about c yet
+        quiet.update(torch.tensor(0.001))  # a student that has barely moved: the KL says nothing about c yet
         loud.update(torch.tensor(0.5))
     assert float(quiet.coeff) == pytest.approx(2.0) and float(loud.coeff) > 2.0
-    quiet.update(torch.tensor(0.001))  # the warmup is over
+    quiet.update(torch.tensor(0.001))  # released
     assert float(quiet.coeff) < 2.0
     resumed = ForgettingBudget(0.1, 2.0, hold=3)
     resumed.load_state_dict(loud.state_dict())
@@ -52,7 +54,7 @@ def test_the_coefficient_rises_over_the_target_falls_under_it_and_stays_in_its_r
         over.update(torch.tensor(0.5))
         under.update(torch.tensor(0.0001))
     assert float(over.coeff) > 1.0 > float(under.coeff)
-    capped = ForgettingBudget(0.01, 1.0, step=10.0, coeff_max=3.0)
+    capped = ForgettingBudget(0.01, 1.0, step=100.0, coeff_max=3.0)
     capped.update(torch.tensor(1.0))
     assert float(capped.coeff) == pytest.approx(3.0)
     restored = ForgettingBudget(0.01, 1.0)
@@ -75,6 +77,16 @@ def test_a_built_in_gpt_budget_moves_the_coefficient_the_right_way(corpora, pret
     assert coeffs[0] == 1.0 and all("replay_kl_smoothed" in r for r in records)
     assert (coeffs[-1] > 1.0) if direction == "up" else (coeffs[-1] < 1.0)
     assert records[-1]["replay_kl_smoothed"] > 0
+
+
+def test_the_trainer_steps_the_coefficient_at_the_pace_of_its_learning_rate(corpora, pretrained, tmp_path):
+    # a target far above any KL: every released update is log c -= step · 2 · (that step's LR / peak LR)
+    args = tiny_overrides(tmp_path / "run", corpora["es"], **{
+        "model.model_name_or_path": pretrained, "replay.source": "self", "replay.target_kl": 10.0,
+        "replay.coeff": 1.0, "stop.steps": 10, "optim.warmup_tokens": 16 * 16 * 4, "optim.schedule": "cosine"})
+    summary = train(load_config(TrainConfig, [], args), FINETUNE)
+    scales = [lr_factor(s, 16 * 16, 16 * 16 * 4, "cosine", 10) for s in range(1, 10)]  # the first update holds
+    assert summary["replay_coeff"] == pytest.approx(math.exp(-0.2 * 2.0 * sum(scales)), rel=1e-5)
 
 
 @pytest.mark.parametrize("target,direction", [(1e-6, "up"), (10.0, "down")])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from selfreplay.data.batch import Batch
 from selfreplay.errors import SelfReplayError
-from selfreplay.replay.losses import position_sum, token_divergence
+from selfreplay.replay.losses import position_sum
 from selfreplay.train.files import dumps
 
 log = logging.getLogger(__name__)
@@ -31,32 +31,30 @@ def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], tea
     """[nll, nll over the second half, correct, kl, teacher nll, count, count of the second half] of one batch.
 
     ``teacher`` is the teacher's logits, or with ``teacher_head`` its hidden states (logits made chunk by chunk).
+    One pass: each position's logits are made once and give every quantity.
     """
     T = tokens.shape[1]
-    half = torch.zeros_like(mask)
-    half[:, T // 2:] = 1.0
-    sums = []
+    second_half = torch.zeros_like(mask)  # at predicting position t: is the target t+1 in the second half?
+    second_half[:, T // 2 - 1:] = 1.0
+    logits_of = (lambda t: teacher_head(t).to(hidden.device)) if teacher_head is not None else (lambda t: t)
 
-    def nll(logits, y, *t):
-        return F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+    def quantities(logits, y, in_half, *t):
+        logp = F.log_softmax(logits.float(), dim=-1)  # once, for the loss and the KL
+        nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        values = [nll, nll * in_half, (logits.argmax(-1) == y).float()]
+        if t:
+            t_logp = F.log_softmax(logits_of(t[0]).float(), dim=-1)
+            kl = F.kl_div(logp, t_logp, log_target=True, reduction="none").sum(-1)  # KL(teacher || model)
+            values += [kl, -t_logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)]
+        return torch.stack(values, -1)
 
-    def correct(logits, y, *t):
-        return (logits.argmax(-1) == y).float()
-
-    sums.append(position_sum(hidden, head, tokens, mask, nll, chunk_size=chunk_size))
-    sums.append(position_sum(hidden, head, tokens, mask * half, nll, chunk_size=chunk_size))
-    sums.append(position_sum(hidden, head, tokens, mask, correct, chunk_size=chunk_size))
-    if teacher is not None:
-        logits_of = (lambda t: teacher_head(t).to(hidden.device)) if teacher_head is not None else (lambda t: t)
-        kl = lambda logits, y, t: token_divergence(logits, logits_of(t))  # noqa: E731
-        t_nll = lambda logits, y, t: F.cross_entropy(logits_of(t).float().flatten(0, -2), y.flatten(),  # noqa: E731
-                                                      reduction="none").view(y.shape)
-        sums.append(position_sum(hidden, head, tokens, mask, kl, teacher, chunk_size=chunk_size))
-        sums.append(position_sum(hidden, head, tokens, mask, t_nll, teacher, chunk_size=chunk_size))
-    else:
-        sums += [hidden.new_zeros((), dtype=torch.float32)] * 2
-    sums += [mask[:, 1:].sum(), (mask * half)[:, 1:].sum()]
-    return torch.stack([s.double() for s in sums])
+    aligned = (second_half,) if teacher is None else (second_half, teacher)
+    n = len(aligned) * 2 + 1  # without a teacher, its KL and loss are 0
+    sums = position_sum(hidden, head, tokens, mask, quantities, *aligned, chunk_size=chunk_size)
+    sums = sums.double().expand(n)  # (a scalar 0 when no position counts)
+    sums = torch.cat((sums, sums.new_zeros(5 - n)))
+    half_count = (mask[:, 1:] * second_half[:, :-1]).sum()
+    return torch.cat((sums, torch.stack((mask[:, 1:].sum(), half_count)).double().to(sums.device)))
 
 
 @torch.no_grad()

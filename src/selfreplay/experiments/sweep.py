@@ -68,6 +68,7 @@ SCALES = ("cpu", "gpu", "paper")
 STAGE_KEYS = {"kind", "base", "grid", "from", "select", "variants"}
 TOP_KEYS = {"name", "description", "prepare", "common", "stages", "scales", "paper", "report"}
 IGNORED_WHEN_COMPARING = ("log", "run_dir")
+BUDGET_ONLY = ("target_kl_step", "target_kl_smoothing", "target_kl_gain", "coeff_min", "coeff_max")
 
 
 # ---------------------------------------------------------------------------- the experiment file
@@ -359,6 +360,11 @@ def check_finished_config(job: Job) -> None:
     cfg = job_config(job)  # as the run saved it: with the per-kind defaults filled in
     current = config_to_dict(resolve_defaults(cfg, model_kind_of(cfg, job.kind), job.kind))
     ignore = IGNORED_WHEN_COMPARING + (("model",) if job.kind == "finetune" else ())
+    for config in (saved, current):  # a run without a budget is not stale because a budget setting changed
+        replay = config.get("replay") or {}
+        if replay.get("target_kl") is None:
+            for key in BUDGET_ONLY:
+                replay.pop(key, None)
     diff = _first_difference(saved, current, ignore=ignore)
     if diff:
         raise SelfReplayError(f"run {job.key} finished with a different {diff} than the experiment file now asks "

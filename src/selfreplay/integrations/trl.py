@@ -56,8 +56,8 @@ class ReplaySettings:
                                   "l2_init / ewc: the (Fisher-weighted) squared distance from the start weights")
     replay_target_kl: Optional[float] = _f(None, "forgetting budget (nats per token): adapt replay_coeff so that "
                                                  "the replay KL tracks it (replay_method=kl)")
-    replay_target_kl_step: float = _f(0.05, "step of log replay_coeff per optimizer step (see selfreplay.replay."
-                                            "budget)")
+    replay_target_kl_step: float = _f(0.2, "step of log replay_coeff per optimizer step at the peak LR (see "
+                                           "selfreplay.replay.budget)")
     replay_target_kl_smoothing: float = _f(0.9, "moving-average factor of the replay KL estimate")
     replay_target_kl_gain: float = _f(0.0, "proportional gain on log replay_coeff (see selfreplay.replay.budget)")
     replay_coeff_min: float = _f(1e-3, "lower clamp of an adapted replay_coeff")
@@ -252,8 +252,7 @@ class _ReplayMixin:
 
             budget = ForgettingBudget(s.replay_target_kl, s.replay_coeff, s.replay_target_kl_step,
                                       s.replay_target_kl_smoothing, s.replay_coeff_min, s.replay_coeff_max,
-                                      self.args.device, s.replay_target_kl_gain,
-                                      hold=int(self.args.warmup_steps) if (self.args.warmup_steps or 0) >= 1 else 0)
+                                      self.args.device, s.replay_target_kl_gain)
         self.penalty = ReplayPenalty(s.replay_method, s.replay_coeff, self.teacher, source=_LazySource(self),
                                      divergence=s.replay_divergence, chunk_size=s.loss_chunk_size, anchor=anchor,
                                      budget=budget)
@@ -340,7 +339,10 @@ class _ReplayMixin:
             self._budget_sum = detached if self._budget_sum is None else self._budget_sum + detached
             self._budget_steps += 1
             if self.accelerator.sync_gradients:  # the optimizer step's last micro-step: one all-reduce
-                penalty.budget.update(self.accelerator.reduce(self._budget_sum / self._budget_steps, "mean"))
+                peak = self.args.learning_rate  # the LR of the step about to be taken, over the peak
+                last_lr = getattr(self.lr_scheduler, "get_last_lr", None)
+                lr_scale = last_lr()[0] / peak if last_lr is not None and peak else 1.0
+                penalty.budget.update(self.accelerator.reduce(self._budget_sum / self._budget_steps, "mean"), lr_scale)
                 self._budget_sum, self._budget_steps = None, 0
         return (loss, outputs) if return_outputs else loss
 

@@ -2,23 +2,26 @@
 
 Users think "learn the new data, lose at most this much of the old", not "coefficient 10". With
 ``replay.target_kl`` the coefficient c of ``loss = NTP + c · KL(teacher ‖ student on replay)`` is adapted after each
-optimizer step by dual ascent on log c:
+optimizer step by dual ascent on log c, at the pace of the learning rate:
 
     k̄  ← smoothing · k̄ + (1 - smoothing) · KL_step          (bias-corrected, as Adam's moments)
-    e  = clamp(log(k̄ / target), -2, 0.5)
-    I  ← clamp(I + step · e, log coeff_min, log coeff_max)    (I starts at log replay.coeff)
+    e  = clamp(log(k̄ / target), -2, 0.05)
+    I  ← clamp(I + step · (lr / peak lr) · e, log coeff_min, log coeff_max)    (I starts at log replay.coeff)
     log c = clamp(I + gain · e, log coeff_min, log coeff_max)  (gain 0, the default: plain dual ascent)
 
-so c grows while the smoothed replay KL is over the target and shrinks while it is under, multiplicatively
-(the KL of a converged run falls roughly as a power of c, so steps in log c are the same size at every scale);
-it rises at most 4× slower than it may fall, because the KL answers a larger c only some steps later.
-During the learning-rate warmup (and always at the first update, whose KL is measured at the teacher's own
-weights) c holds at its start unless the KL reaches the target first: a student that has
-barely moved has a KL near 0 that says nothing about c, and following it would send c to its floor just before
-the learning rate peaks (measured: a 0.01 budget then overshot to c = 70 and ended at half its target).
-The update stays on the device (no host sync); the state is part of checkpoints. The KL per token on replay
-sequences that the teacher itself generates estimates how much worse the model has become at the teacher's own
-distribution: a budget of 0.05 nats means the old data's loss may rise by about 0.05 nats per token.
+so c shrinks while the smoothed replay KL is under the target and grows while it is over, multiplicatively
+(the KL of a converged run falls roughly as a power of c, so steps in log c are the same size at every scale).
+Why this shape (measured on the English -> Spanish finetunes, cosine LR):
+- the step follows the LR schedule: the student moves in proportion to the LR, so c moves little during the warmup
+  and the final decay, when the KL cannot answer it, and most while the LR peaks;
+- c falls up to 40x faster than it rises: with a fixed c the replay KL runs up to 2x above its final value while
+  the LR is high (the new data pulls first, the penalty catches up), so a c that rose to hold the KL at the target
+  then would end at half the target (measured: 0.5-0.6x); falling fast from a high start (the paper's c = 10) finds
+  a large budget's c within the warmup, before a too-high c has cost any learning of the new data.
+The first update holds c (its KL is measured at the teacher's own weights: 0). The update stays on the device (no
+host sync); the state is part of checkpoints. The KL per token on replay sequences that the teacher itself generates
+estimates how much worse the model has become at the teacher's own distribution: a budget of 0.05 nats means the
+old data's loss may rise by about 0.05 nats per token.
 """
 
 from __future__ import annotations
@@ -29,16 +32,15 @@ import torch
 
 from selfreplay.errors import SelfReplayError
 
-# one step moves log c up by at most step · 0.5 and down by at most step · 2: the KL answers a larger c only some
-# steps later, so a fast rise overshoots (measured: c 10 -> 50 -> 70 for a 0.01 budget, ending at half the target)
-MAX_RISE, MAX_FALL = 0.5, 2.0
+# one step at the peak LR moves log c up by at most step · 0.05 and down by at most step · 2 (see above)
+MAX_RISE, MAX_FALL = 0.05, 2.0
 STATE = ("integral", "log_coeff", "average", "updates", "released")
 
 
 class ForgettingBudget:
     """Adapts the replay coefficient so that the smoothed replay KL tracks ``target`` nats per token."""
 
-    def __init__(self, target: float, start: float, step: float = 0.05, smoothing: float = 0.9,
+    def __init__(self, target: float, start: float, step: float = 0.2, smoothing: float = 0.9,
                  coeff_min: float = 1e-3, coeff_max: float = 1e4, device: torch.device | str = "cpu",
                  gain: float = 0.0, hold: int = 0):
         check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain)
@@ -49,8 +51,7 @@ class ForgettingBudget:
         self.log_coeff = self.integral.clone()
         self.average = torch.zeros((), dtype=torch.float64, device=device)  # EMA of the replay KL, biased to 0
         self.updates = torch.zeros((), dtype=torch.float64, device=device)
-        # c stays at its start for this many updates unless the KL reaches the target first; at least for the first,
-        # whose KL is measured at the teacher's own weights (0)
+        # c stays at its start for this many updates unless the KL reaches the target first; at least the first
         self.hold = max(1, int(hold))
         self.released = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -64,8 +65,9 @@ class ForgettingBudget:
         correction = 1.0 - self.smoothing ** self.updates
         return torch.where(self.updates > 0, self.average / correction.clamp_min(1e-12), self.average)
 
-    def update(self, kl: torch.Tensor) -> None:
-        """One optimizer step's replay KL per token (averaged over ranks by the caller)."""
+    def update(self, kl: torch.Tensor, lr_scale: float = 1.0) -> None:
+        """One optimizer step's replay KL per token (averaged over ranks by the caller); ``lr_scale`` is that step's
+        learning rate over the peak learning rate."""
         kl = kl.detach().to(self.average.device, torch.float64)
         self.average = self.smoothing * self.average + (1.0 - self.smoothing) * kl
         self.updates = self.updates + 1
@@ -73,7 +75,7 @@ class ForgettingBudget:
         self.released = torch.maximum(self.released, ((smoothed >= self.target) | (self.updates > self.hold)).double())
         error = torch.log(smoothed.clamp_min(self.target * 1e-6) / self.target).clamp(
             -MAX_FALL, MAX_RISE) * self.released
-        self.integral = (self.integral + self.step * error).clamp(self.log_min, self.log_max)
+        self.integral = (self.integral + self.step * float(lr_scale) * error).clamp(self.log_min, self.log_max)
         self.log_coeff = (self.integral + self.gain * error).clamp(self.log_min, self.log_max)
 
     def state_dict(self) -> dict:

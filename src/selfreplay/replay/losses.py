@@ -111,25 +111,34 @@ def _gather(x: torch.Tensor, flat: torch.Tensor, shift: int = 0) -> torch.Tensor
     return x[flat // per_row, flat % per_row + shift]
 
 
+def _weighted_sum(values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_positions w · values; values may carry a trailing dimension of several quantities."""
+    if values.dim() == w.dim():
+        return (values * w).sum()
+    # in float64, where float32 values add exactly: equal values give equal sums in any order
+    return (values.double() * w.unsqueeze(-1).double()).flatten(0, -2).sum(0)
+
+
 def position_sum(hidden: torch.Tensor, head: Callable, tokens: torch.Tensor, mask: torch.Tensor,
                  fn: Callable, *aligned: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """Σ over predicting positions of ``mask[:, t+1] · fn(logits_t, target_t, *aligned_t)``.
 
     ``aligned`` tensors are [B, T, ...] per-position inputs of ``fn`` (teacher logits, teacher hidden states, ...).
+    ``fn`` may return several values per position (a trailing dimension): the sum is then a vector.
     With ``chunk_size`` only the positions that count are computed, ``chunk_size`` at a time under checkpointing.
     """
     w = mask[:, 1:].to(device=hidden.device, dtype=torch.float32)
     if chunk_size is None or w.numel() <= chunk_size:
         values = fn(head(hidden[:, :-1]), tokens[:, 1:], *[a[:, :-1] for a in aligned])
-        return (values * w).sum()
+        return _weighted_sum(values, w)
     from torch.utils.checkpoint import checkpoint
 
     def chunk(h, y, ww, *a):
-        return (fn(head(h), y, *a) * ww).sum()
+        return _weighted_sum(fn(head(h), y, *a), ww)
 
     flat_w = w.reshape(-1)
     rows = flat_w.nonzero().squeeze(-1)
-    total = hidden.sum().float() * 0.0  # connected to the graph even when no position counts
+    total = hidden.sum().float() * 0.0  # connected to the graph even when no position counts (broadcasts to a vector)
     for idx in rows.split(chunk_size):
         total = total + checkpoint(chunk, _gather(hidden, idx), _gather(tokens, idx, 1), flat_w[idx],
                                    *[_gather(a, idx) for a in aligned], use_reentrant=False)

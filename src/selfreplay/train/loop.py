@@ -123,8 +123,6 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.params, device)
         self.tokens_per_step = cfg.data.batch_size * self.data.seq_len
         self.total_steps = self._total_steps()
-        if self.penalty.budget is not None:  # the KL of a student still in its warmup says little about c
-            self.penalty.budget.hold = max(1, math.ceil(cfg.optim.warmup_tokens / self.tokens_per_step))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.tokens_per_step, cfg.optim.warmup_tokens, cfg.optim.schedule, self.total_steps))
         self.state = TrainState()
@@ -180,6 +178,7 @@ class Trainer:
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
+        lr_scale = self.scheduler.get_last_lr()[0] / self.cfg.optim.lr if self.cfg.optim.lr else 1.0  # this step's
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         shares = acc / (totals * self.world)
@@ -189,7 +188,7 @@ class Trainer:
         if self.penalty.has_term or weight_term is not None:
             parts["replay"] = shares[1]
         if self.penalty.budget is not None:
-            self.penalty.budget.update(dist.reduce_sum(shares[1]))
+            self.penalty.budget.update(dist.reduce_sum(shares[1]), lr_scale)
         self._finite &= torch.isfinite(parts["loss"])
         return parts
 

@@ -33,19 +33,25 @@ def test_the_update_is_dual_ascent_on_log_c_from_a_bias_corrected_average_at_the
         assert float(budget.coeff) == pytest.approx(math.exp(log_c), rel=1e-6)
 
 
-def test_the_coefficient_holds_for_its_first_updates_unless_the_kl_reaches_the_target_first():
-    quiet, loud = ForgettingBudget(0.1, 2.0, hold=3), ForgettingBudget(0.1, 2.0, hold=3)
-    for _ in range(3):
-        quiet.update(torch.tensor(0.001))  # a student that has barely moved: the KL says nothing about c yet
-        loud.update(torch.tensor(0.5))
+def test_the_coefficient_holds_at_the_first_update_unless_the_kl_reaches_the_target_first():
+    quiet, loud = ForgettingBudget(0.1, 2.0), ForgettingBudget(0.1, 2.0)
+    quiet.update(torch.tensor(0.001))  # a student that has barely moved: the KL says nothing about c yet
+    loud.update(torch.tensor(0.5))
     assert float(quiet.coeff) == pytest.approx(2.0) and float(loud.coeff) > 2.0
     quiet.update(torch.tensor(0.001))  # released
     assert float(quiet.coeff) < 2.0
-    resumed = ForgettingBudget(0.1, 2.0, hold=3)
+    resumed = ForgettingBudget(0.1, 2.0)
     resumed.load_state_dict(loud.state_dict())
     resumed.update(torch.tensor(0.0))
     loud.update(torch.tensor(0.0))
     assert float(resumed.coeff) == float(loud.coeff)
+
+
+def test_a_checkpoint_from_before_the_integral_resumes_at_its_coefficient():
+    old = ForgettingBudget(0.1, 1.0)
+    old.load_state_dict({"log_coeff": math.log(3.0), "average": 0.05, "updates": 5.0})
+    old.update(torch.tensor(0.1), lr_scale=0.0)  # no step: c stays where the checkpoint left it
+    assert float(old.coeff) == pytest.approx(3.0)
 
 
 def test_the_coefficient_rises_over_the_target_falls_under_it_and_stays_in_its_range():

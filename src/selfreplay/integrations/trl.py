@@ -339,8 +339,8 @@ class _ReplayMixin:
             self._budget_sum = detached if self._budget_sum is None else self._budget_sum + detached
             self._budget_steps += 1
             if self.accelerator.sync_gradients:  # the optimizer step's last micro-step: one all-reduce
-                peak = self.args.learning_rate  # the LR of the step about to be taken, over the peak
-                last_lr = getattr(self.lr_scheduler, "get_last_lr", None)
+                last_lr = getattr(self.lr_scheduler, "get_last_lr", None)  # the LR of the step about to be taken
+                peak = self.args.learning_rate
                 lr_scale = last_lr()[0] / peak if last_lr is not None and peak else 1.0
                 penalty.budget.update(self.accelerator.reduce(self._budget_sum / self._budget_steps, "mean"), lr_scale)
                 self._budget_sum, self._budget_steps = None, 0

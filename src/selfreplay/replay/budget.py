@@ -34,7 +34,7 @@ from selfreplay.errors import SelfReplayError
 
 # one step at the peak LR moves log c up by at most step · 0.05 and down by at most step · 2 (see above)
 MAX_RISE, MAX_FALL = 0.05, 2.0
-STATE = ("integral", "log_coeff", "average", "updates", "released")
+STATE = ("integral", "log_coeff", "average", "updates")
 
 
 class ForgettingBudget:
@@ -42,7 +42,7 @@ class ForgettingBudget:
 
     def __init__(self, target: float, start: float, step: float = 0.2, smoothing: float = 0.9,
                  coeff_min: float = 1e-3, coeff_max: float = 1e4, device: torch.device | str = "cpu",
-                 gain: float = 0.0, hold: int = 0):
+                 gain: float = 0.0):
         check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain)
         self.target, self.step, self.smoothing, self.gain = float(target), float(step), float(smoothing), float(gain)
         self.log_min, self.log_max = math.log(coeff_min), math.log(coeff_max)
@@ -51,9 +51,6 @@ class ForgettingBudget:
         self.log_coeff = self.integral.clone()
         self.average = torch.zeros((), dtype=torch.float64, device=device)  # EMA of the replay KL, biased to 0
         self.updates = torch.zeros((), dtype=torch.float64, device=device)
-        # c stays at its start for this many updates unless the KL reaches the target first; at least the first
-        self.hold = max(1, int(hold))
-        self.released = torch.zeros((), dtype=torch.float64, device=device)
 
     @property
     def coeff(self) -> torch.Tensor:
@@ -72,9 +69,9 @@ class ForgettingBudget:
         self.average = self.smoothing * self.average + (1.0 - self.smoothing) * kl
         self.updates = self.updates + 1
         smoothed = self.smoothed_kl
-        self.released = torch.maximum(self.released, ((smoothed >= self.target) | (self.updates > self.hold)).double())
+        released = (self.updates > 1) | (smoothed >= self.target)  # the first update's KL is at the teacher's weights
         error = torch.log(smoothed.clamp_min(self.target * 1e-6) / self.target).clamp(
-            -MAX_FALL, MAX_RISE) * self.released
+            -MAX_FALL, MAX_RISE) * released.double()
         self.integral = (self.integral + self.step * float(lr_scale) * error).clamp(self.log_min, self.log_max)
         self.log_coeff = (self.integral + self.gain * error).clamp(self.log_min, self.log_max)
 
@@ -83,8 +80,9 @@ class ForgettingBudget:
 
     def load_state_dict(self, state: dict) -> None:
         device = self.log_coeff.device
+        state = {"integral": state["log_coeff"], **state}  # a checkpoint from before the integral was kept apart
         for name in STATE:
-            setattr(self, name, torch.tensor(state.get(name, 1.0), dtype=torch.float64, device=device))
+            setattr(self, name, torch.tensor(state[name], dtype=torch.float64, device=device))
 
 
 def check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain=0.0, prefix: str = "replay.") -> None:

@@ -178,7 +178,7 @@ class Trainer:
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
-        lr_scale = self.scheduler.get_last_lr()[0] / self.cfg.optim.lr if self.cfg.optim.lr else 1.0  # this step's
+        lr_scale = self.scheduler.get_last_lr()[0] / self.cfg.optim.lr  # this step's LR over the peak (a float)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         shares = acc / (totals * self.world)

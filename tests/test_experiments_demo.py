@@ -57,7 +57,7 @@ def test_train_sequential_records_and_determinism(method, source, tmp_path):
         assert (stage / "config.yaml").is_file() and (stage / "metrics.jsonl").is_file()
         records = read_jsonl(stage / "metrics.jsonl")
         if k and method != "none":
-            assert records[-1]["train_replay"] > 0  # the replay penalty ran in the loop
+            assert records[-1]["train_replay"] > 1e-4  # the replay penalty ran in the loop
         else:
             assert "train_replay" not in records[-1]
     again = train_sequential(TINY, method, source, tasks, out_dir=tmp_path / "b")

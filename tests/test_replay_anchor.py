@@ -76,10 +76,10 @@ def test_ewc_run_estimates_the_fisher_from_its_replay_source_and_resumes_with_it
     parts = build_parts(cfg, kind, FINETUNE, info.device)
     trainer = Trainer(cfg, parts, info.device)
     fisher = trainer.penalty.anchor.weights
-    assert fisher is not None and sum(float(f.sum()) for f in fisher.values()) > 0
+    assert fisher is not None and sum(float(f.sum()) for f in fisher.values()) > 1e-4
     assert float(trainer.penalty.weight_term()) == 0.0  # step 0: the weights are the anchor's
     assert float(trainer.train_step()["replay"]) == 0.0  # the term of the step's loss: before its update
-    assert float(trainer.train_step()["replay"]) > 0.0  # the weights moved
+    assert float(trainer.train_step()["replay"]) > 1e-4  # the weights moved
     state = trainer.penalty.state_dict()
     again = Trainer(cfg, build_parts(cfg, kind, FINETUNE, info.device), info.device, resume=True)
     assert again.penalty.anchor.weights is None  # a resumed run takes the Fisher from its checkpoint ...

@@ -82,7 +82,7 @@ def test_a_built_in_gpt_budget_moves_the_coefficient_the_right_way(corpora, pret
     coeffs = _coeffs(tmp_path / "run")
     assert coeffs[0] == 1.0 and all("replay_kl_smoothed" in r for r in records)
     assert (coeffs[-1] > 1.0) if direction == "up" else (coeffs[-1] < 1.0)
-    assert records[-1]["replay_kl_smoothed"] > 0
+    assert records[-1]["replay_kl_smoothed"] > 1e-4
 
 
 def test_the_trainer_steps_the_coefficient_at_the_pace_of_its_learning_rate(corpora, pretrained, tmp_path):

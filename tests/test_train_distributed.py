@@ -89,7 +89,7 @@ def test_hf_ddp_two_processes_match_one_with_real_data_replay(hf_files, tmp_path
     torchrun(hf_args(hf_files, tmp_path / "two", **extra))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert_same_run(one, two)
-    assert two[-1]["train_replay"] > 0 and "prev_loss" in two[-1]
+    assert two[-1]["train_replay"] > 1e-4 and "prev_loss" in two[-1]
     assert_same_weights(hf_weights(tmp_path / "one"), hf_weights(tmp_path / "two"))
 
 
@@ -107,8 +107,8 @@ def test_hf_fsdp2_lora_with_self_replay_runs_on_two_gloo_processes(hf_files, tmp
     assert_same_run(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
     torchrun(hf_args(hf_files, tmp_path / "kl", **lora, **{"replay.source": "self", "replay.max_logprobs_gib": 0}))
     records = metrics(tmp_path / "kl")
-    assert records[-1]["valid_loss"] < records[0]["valid_loss"] and records[-1]["valid_kl"] > 0
-    assert records[-1]["train_replay"] > 0
+    assert records[-1]["valid_loss"] < records[0]["valid_loss"] and records[-1]["valid_kl"] > 1e-4
+    assert records[-1]["train_replay"] > 1e-4
     AutoModelForCausalLM.from_pretrained(tmp_path / "kl" / "model")
 
 
@@ -141,7 +141,7 @@ def test_gpt_two_processes_match_one(strategy, corpora, pretrained, gpt_one_proc
     torchrun(gpt_args(corpora, pretrained, tmp_path / "two", **{"distributed.strategy": strategy}))
     one, two = metrics(gpt_one_process), metrics(tmp_path / "two")
     assert_same_run(one, two)
-    assert two[-1]["train_replay"] > 0 and two[-1]["prev_kl"] > 0
+    assert two[-1]["train_replay"] > 1e-4 and two[-1]["prev_kl"] > 1e-4
     if strategy == "ddp":  # FSDP skips the weight-norm metrics (sharded parameters)
         assert two[-1]["drift"] == pytest.approx(one[-1]["drift"], abs=1e-4)
     assert_same_weights(gpt_weights(gpt_one_process), gpt_weights(tmp_path / "two"))

@@ -59,7 +59,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(corpo
         strict_json(line)  # valid JSON: no bare NaN
     good = ckpt.latest_checkpoint(run_dir)
     assert good is not None  # the last checkpoint written while the weights were finite
-    state = torch.load(good / ckpt.STATE, weights_only=False)
+    state = ckpt.read_state(good)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
@@ -127,7 +127,7 @@ def test_checkpoints_are_resumable_at_every_instant(tmp_path, monkeypatch):
     """A kill between publishing a checkpoint and pointing ``latest`` at it, or while writing one, leaves the
     newest complete checkpoint findable; temporaries left by kills are cleaned on the next save."""
     def fill(step):
-        return lambda d: torch.save({"counters": {"step": step}}, d / ckpt.STATE)
+        return lambda d: ckpt.write_state({"counters": {"step": step}}, d)
 
     ckpt.save_checkpoint(tmp_path, 1, fill(1))
     from selfreplay.train import files
@@ -246,7 +246,13 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_nothing_half_written
         argv, target = ["generate", pretrained, "--out", str(tmp_path / "replay"), "--num-sequences", "4",
                         "--batch-size", "2"], tmp_path / "replay.partial"
     elif where == "checkpoint":
-        monkeypatch.setattr(torch, "save", _enospc)
+        import safetensors.torch
+        from safetensors import SafetensorError
+
+        def full(*args, **kwargs):  # what the Rust writer raises on a full disk
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
         argv, target = ["finetune", *_finetune_args(tmp_path / "run", corpora, pretrained, **{
             "stop.steps": 6, "checkpoint.every_steps": 3})], tmp_path / "run" / "checkpoints"
     else:

@@ -86,7 +86,7 @@ def test_cli_finetunes_with_kl_self_replay_and_saves_a_loadable_model(hf_files, 
     # rank-4 adapters on the tiny random Llama level off after ~4 steps (about -0.2; full finetuning: over -1)
     assert records[-1]["valid_loss"] < records[0]["valid_loss"] - (0.15 if lora else 0.3)
     assert records[-1]["train_ntp"] < records[1]["train_ntp"]
-    assert 0 < records[-1]["train_replay"] < 1.0 and records[-1]["valid_kl"] > 0
+    assert 1e-4 < records[-1]["train_replay"] < 1.0 and records[-1]["valid_kl"] > 1e-4
     assert records[-1]["replay_coeff"] == 1.0  # the Hugging Face default coefficient
     info = json.loads((run_dir / "run.json").read_text())
     assert info["model_kind"] == "hf" and "git_commit" in info
@@ -115,7 +115,7 @@ def test_qwen2_full_finetuning_kl_self_replay_saves_the_trained_model(hf_files, 
     summary = trainer.run()
     records = read_metrics(run_dir)
     assert records[-1]["valid_loss"] < records[0]["valid_loss"] - 0.3
-    assert summary["valid_kl"] > 0 and summary["steps"] == 8
+    assert summary["valid_kl"] > 1e-4 and summary["steps"] == 8
     teacher_net = trainer.teacher.module.net
     teacher_params = dict(teacher_net.named_parameters())
     vocab = teacher_net.config.vocab_size
@@ -162,7 +162,7 @@ def test_evaluations_track_forgetting_and_benchmarks(hf_files, tmp_path, lora):
     assert first["prev_loss"] == pytest.approx(masked_nll(start, prev), rel=1e-5)
     assert first["forgetting"] == pytest.approx(0.0, abs=1e-6)
     # a teacher is kept whenever old data is evaluated (LoRA: adapters off), so prev_kl is always measured
-    assert first["prev_kl"] == pytest.approx(0.0, abs=1e-6) and last["prev_kl"] > 0
+    assert first["prev_kl"] == pytest.approx(0.0, abs=1e-6) and last["prev_kl"] > 1e-4
     for r in records:
         assert r["prev_teacher_loss"] == pytest.approx(first["prev_loss"], rel=1e-5)
         assert r["forgetting"] == pytest.approx(r["prev_loss"] - r["prev_teacher_loss"], abs=1e-9)
@@ -277,6 +277,6 @@ def test_real_data_replay_source(hf_files, tmp_path):
     source.load_state_dict(start)
     summary = trainer.run()
     records = read_metrics(tmp_path / "real")
-    assert records[-1]["train_replay"] > 0 and summary["valid_loss"] < records[0]["valid_loss"]
+    assert records[-1]["train_replay"] > 1e-4 and summary["valid_loss"] < records[0]["valid_loss"]
     info = json.loads((tmp_path / "real" / "run.json").read_text())
     assert info["replay"] == {"method": "kl", "source": hf_files["text"]}

@@ -128,7 +128,7 @@ def test_every_replay_method_trains(tmp_path, pretrained, corpora, replay_corpus
     summary = trainer.run()
     assert summary["steps"] == 15 and summary["train_loss"] > 0
     if method in ("kl", "ntp", "kl_downstream"):
-        assert summary["train_replay"] > 0
+        assert summary["train_replay"] > 1e-4
         assert summary["train_loss"] == pytest.approx(summary["train_ntp"] + 10.0 * summary["train_replay"],
                                                       rel=1e-5)
     else:

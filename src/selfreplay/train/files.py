@@ -174,16 +174,28 @@ class RunLock:
         self.release()
 
 
-def git_commit() -> Optional[str]:
-    """The commit of the selfreplay source tree (with '+dirty' if modified), or None outside a git checkout."""
-    here = Path(__file__).resolve().parent
+def git_commit(source: Optional[Path] = None) -> Optional[str]:
+    """The commit of the selfreplay source checkout (with '+dirty' if a tracked file changed), or None outside one.
+
+    Read-only: ``git status`` would otherwise refresh the checkout's index (taking ``.git/index.lock``) as a side
+    effect of every run; ``GIT_OPTIONAL_LOCKS=0`` tells git to write nothing. An installed copy that merely lies
+    inside some other repository (a venv in a project) is not that repository's commit: None.
+    """
+    here = Path(source) if source is not None else Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=here, capture_output=True, text=True,
+                              timeout=5, env=env).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
+        top = git("rev-parse", "--show-toplevel")
+        if not top or not (Path(top) / "pyproject.toml").is_file() or here.resolve() != (
+                Path(top) / "src" / "selfreplay").resolve():
+            return None
+        commit = git("rev-parse", "HEAD")
         if not commit:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None

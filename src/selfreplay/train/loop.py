@@ -420,7 +420,7 @@ class Trainer:
                  "penalty": self.penalty.state_dict(),
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-        path = ckpt.save_checkpoint(self.run_dir, st.step, lambda tmp: torch.save(state, tmp / ckpt.STATE))
+        path = ckpt.save_checkpoint(self.run_dir, st.step, lambda tmp: ckpt.write_state(state, tmp))
         dist.barrier()
         return path
 

@@ -227,6 +227,23 @@ def test_parallel_workers(corpora, tmp_path):
     assert len(pids) == 3 and os.getpid() not in pids
 
 
+
+def test_a_finetune_waits_for_its_upstream_while_another_upstream_finishes(corpora, tmp_path):
+    """Two pretrains on two workers, a finetune after each: the short pretrain finishes while the long one is still
+    running, and the long one's finetune must wait for it, not be skipped as if its upstream had failed."""
+    tree = tiny_experiment(corpora, stages={
+        "pretrain": {"grid": {"optim.lr": [3e-3], "stop.steps": [2, 400]}, "base": {"stop.steps": None}},
+        "finetune": {"base": {"stop.steps": 2}, "variants": {"plain": None},
+                     "grid": {"replay.coeff": [1.0]}}})
+    exp = load_experiment(write_yaml(tmp_path / "tiny.yaml", tree), "cpu", tmp_path / "runs")
+    lines: list[str] = []
+    result = run_sweep(exp, workers=2, log=lines.append)
+    assert not result.failed, lines
+    assert sorted(result.finished) == sorted(j.key for j in expand_jobs(exp)) and len(result.finished) == 4
+    order = [line.split("done ")[1].split(":")[0] for line in lines if " done " in line]
+    long_pretrain, long_finetune = "pretrain/lr=0.003,steps=400", "finetune/lr=0.003,steps=400--kl,coeff=1"
+    assert order.index("pretrain/lr=0.003,steps=2") < order.index(long_pretrain) < order.index(long_finetune), order
+
 def _hold_lock(run_dir) -> subprocess.Popen:
     """Another live process holding the run directory's lock (as a trainer does while it trains)."""
     code = ("import sys, time\n"

@@ -472,11 +472,11 @@ def run_sweep(exp: Experiment, workers: Optional[int] = None, threads: int = 1, 
         return j.upstream is None or j.upstream in done
 
     def blocked(j: Job) -> Optional[str]:
-        if j.upstream is None or j.upstream in done:
+        """The upstream run that failed or will never run (not pending, not running, not done), else None."""
+        up = j.upstream
+        if up is None or up in done or up in pending or up in running.values():
             return None
-        if j.upstream in result.failed or j.upstream not in pending:
-            return j.upstream
-        return None
+        return up
 
     def finish(key: str, error: Optional[str], summary: Optional[dict]) -> None:
         if error is None:

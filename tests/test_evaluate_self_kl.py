@@ -91,6 +91,8 @@ def test_spearman_matches_the_textbook_formula_and_handles_ties():
     d2 = sum((x - y) ** 2 for x, y in zip([1, 2, 5, 4, 3, 6], [2, 1, 5, 4, 3, 6]))
     assert spearman(a, b) == pytest.approx(1 - 6 * d2 / (6 * 35))
     assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
+    # ties in both: average ranks give 0.947368 (scipy.stats.spearmanr); ordinal ranks would give 0.9
+    assert spearman([1, 2, 2, 3, 5], [1, 3, 2, 4, 4]) == pytest.approx(0.947368, abs=1e-6)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
 
 

@@ -391,3 +391,42 @@ def test_bad_budgets_are_one_line_errors(tmp_path):
         with pytest.raises(SelfReplayError) as e:
             _args(tmp_path, **extra)
         one_line_error(e, *words)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(replay_method="ewc", replay_coeff=50.0, replay_ewc_sequences=4),
+    dict(replay_method="kl", replay_coeff=1.0, replay_target_kl=1e-4, replay_buffer=1),
+], ids=["ewc", "budget"])
+def test_a_resumed_run_continues_the_penalty_and_equals_the_uninterrupted_one(tmp_path, dataset, settings):
+    """TRL's checkpoint carries the budget's coefficient and average, EWC's Fisher and the replay stream: resuming
+    from step 2 of 4 ends where the uninterrupted run ends (a restarted budget or a Fisher re-estimated from the
+    finetuned model would not)."""
+    from selfreplay.integrations.trl import PENALTY_STATE, SelfReplaySFTTrainer
+
+    common = dict(replay_batch_size=4, replay_length=12, save_strategy="steps", save_steps=2, **settings)
+    whole = _trainer(SelfReplaySFTTrainer, _args(tmp_path / "whole", **common), dataset)
+    whole.train()
+    checkpoint = tmp_path / "whole" / "out" / "checkpoint-2"
+    assert (checkpoint / PENALTY_STATE / "rank_0" / "state.json").is_file()
+    resumed = _trainer(SelfReplaySFTTrainer, _args(tmp_path / "resumed", **common), dataset)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    if "replay_target_kl" in settings:
+        assert float(resumed.penalty.coeff) == float(whole.penalty.coeff) != 1.0
+        assert float(resumed.penalty.budget.updates) == 4.0
+    else:
+        assert all(torch.equal(resumed.penalty.anchor.weights[k], w) for k, w in whole.penalty.anchor.weights.items())
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_asft_trains_with_the_dft_loss_whatever_arguments_it_is_given(tmp_path, dataset):
+    """Anchored SFT is DFT + the KL anchor: also when TRL builds its own SFTConfig (from plain TrainingArguments,
+    as from args=None), whose loss_type defaults to plain NLL."""
+    from transformers import TrainingArguments
+
+    from selfreplay.integrations.trl import SelfReplaySFTTrainer
+
+    trainer = _trainer(SelfReplaySFTTrainer, _args(tmp_path, cls=TrainingArguments), dataset, replay_method="asft",
+                       replay_coeff=0.1)
+    assert trainer.args.loss_type == "dft"

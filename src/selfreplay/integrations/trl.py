@@ -40,6 +40,7 @@ TRL_MISSING = "SelfReplaySFTTrainer needs extras: pip install 'selfreplay[trl]'"
 IN_MEMORY_SOURCE = "<in-memory dataset>"  # replay_source when the trainer was given a Dataset object
 REPLAY_METHODS = ("kl", "ntp", "kl_downstream", "asft", "l2_init", "ewc")
 REPLAY_PROMPTS = ("bos", "chat")
+PENALTY_STATE = "selfreplay_penalty"  # in each TRL checkpoint: the penalty's and replay stream's state, per process
 
 
 def _f(default: Any, help: str) -> Any:
@@ -176,8 +177,9 @@ class _ReplayMixin:
     (rounded up); each micro-step's replay sum is divided by its target tokens times the micro-steps, so the
     penalty does not depend on the accumulation. The replay forward runs under the trainer's autocast, like the SFT
     loss. ``replay_loss`` is logged beside TRL's loss, gathered once per logging step (no sync per micro-step).
-    Evaluation reports the SFT loss alone. The replay stream is not part of checkpoints: a resumed run continues
-    with fresh samples.
+    Evaluation reports the SFT loss alone. TRL's checkpoints carry the penalty's state (a budget's coefficient and
+    its average, EWC's Fisher) and the replay stream's position, per process, in ``selfreplay_penalty/``:
+    ``trainer.train(resume_from_checkpoint=...)`` continues them instead of starting over.
 
     Runs on one device or data-parallel (``torchrun`` / ``accelerate launch``: DDP, each process sampling its own
     replay with seed + 1000·rank); FSDP and DeepSpeed ZeRO-3 are refused (the replay forward needs unsharded
@@ -205,10 +207,9 @@ class _ReplayMixin:
             replay_source = IN_MEMORY_SOURCE
         overrides["replay_source"] = None if replay_source is None else str(replay_source)
         self.replay_settings = _settings_from(args, overrides).check()
-        if self.replay_settings.replay_method == "asft" and args is not None and getattr(args, "loss_type", None) \
-                not in (None, "dft"):
-            args.loss_type = "dft"  # anchored SFT = DFT + the KL anchor: TRL computes the DFT half
         super().__init__(model, args, *positional, **kwargs)
+        if self.replay_settings.replay_method == "asft" and getattr(self.args, "loss_type", "dft") != "dft":
+            self.args.loss_type = "dft"  # anchored SFT = DFT + the KL anchor: TRL computes the DFT half (read per step)
         self._replay_source_object = source_object
         self.teacher = self.penalty = None
         self._replay_sum, self._replay_steps = None, 0
@@ -257,6 +258,39 @@ class _ReplayMixin:
                                      divergence=s.replay_divergence, chunk_size=s.loss_chunk_size, anchor=anchor,
                                      budget=budget)
         self._budget_sum, self._budget_steps = None, 0
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """TRL's optimizer and scheduler, then this process's penalty and replay-stream state beside them."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.penalty is None:
+            return
+        from selfreplay.train.checkpoint import write_state
+        from selfreplay.train.files import atomic_dir
+
+        inner = self.penalty.source._inner
+        state = {"penalty": self.penalty.state_dict(), "replay": inner.state_dict() if inner is not None else None}
+        with atomic_dir(self._penalty_dir(output_dir)) as tmp:
+            write_state(state, tmp)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        """On resume: TRL's optimizer and scheduler, then the penalty's state (the replay stream's when it is built)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.penalty is None:
+            return
+        from selfreplay.train.checkpoint import read_state
+
+        folder = self._penalty_dir(checkpoint)
+        if not folder.is_dir():
+            raise SelfReplayError(f"{checkpoint}: no {folder.parent.name}/ with the replay penalty's state (a "
+                                  f"checkpoint without the replay penalty, or of an earlier selfreplay); resuming "
+                                  f"would restart the budget and re-estimate EWC's Fisher from the finetuned model")
+        state = read_state(folder)
+        self.penalty.load_state_dict(state["penalty"])
+        self.penalty.source.pending_state = state["replay"]
+
+    def _penalty_dir(self, checkpoint) -> Path:
+        return Path(checkpoint) / PENALTY_STATE / f"rank_{self.args.process_index}"
 
     # ------------------------------------------------------------------------------------------- replay data
     def _replay_tokenizer(self):
@@ -384,11 +418,15 @@ class _LazySource:
 
     def __init__(self, trainer):
         self.trainer, self._inner = trainer, None
+        self.pending_state: Optional[dict] = None  # a resumed checkpoint's stream position, applied when built
 
     @property
     def inner(self):
         if self._inner is None:
             self._inner = self.trainer._build_replay()
+            if self.pending_state is not None:
+                self._inner.load_state_dict(self.pending_state)
+                self.pending_state = None
         return self._inner
 
     def next_batch(self):

@@ -188,7 +188,8 @@ def test_run_demo_writes_outputs(tmp_path):
     lines = []
     out = tmp_path / "out"
     result = run_demo(out, config=TINY, echo=lines.append)
-    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "results.json", "results.md", "demo.png", "runs"}
+    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "results.json", "results.md", "demo.png", "runs",
+                                               ".selfreplay-demo"}
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["method"] for r in records] == ["none"] * 9 + ["kl"] * 9  # the CPU preset replays with KL
     assert set(records[0]) >= {"method", "source", "task", "step", "accuracy", "val_loss"}
@@ -208,6 +209,8 @@ def test_steps_per_task_applies_to_every_task(tmp_path):
     stale = tmp_path / "runs" / "kl" / "1_reversal"  # an earlier demo's stage: the new demo starts afresh
     stale.mkdir(parents=True)
     (stale / "summary.json").write_text("{}")
+    for marked in (tmp_path / ".selfreplay-demo", stale / ".selfreplay-run"):
+        marked.write_text("{}")
     result = run_demo(tmp_path, config=replace(TINY, first_task_steps=9), steps_per_task=3, eval_every=3,
                       method="ntp", source="real", echo=lambda s: None)
     assert [(r.method, r.source) for r in result.runs] == [("none", "real"), ("ntp", "real")]

@@ -21,6 +21,7 @@ from selfreplay.experiments.sweep import (deep_merge, expand_jobs, flatten, job_
 from selfreplay.train import train
 from selfreplay.train.checkpoint import has_checkpoint
 from selfreplay.train.files import RunLock
+from selfreplay.train.ownership import claim_run_dir
 
 TINY_MODEL = {"d_model": 32, "n_layers": 1, "head_dim": 16, "context": 16, "vocab_size": VOCAB}
 
@@ -228,10 +229,12 @@ def test_parallel_workers(corpora, tmp_path):
 
 
 def _hold_lock(run_dir) -> subprocess.Popen:
-    """Another live process holding the run directory's lock (as a trainer does while it trains)."""
+    """Another live process holding the run directory's lock (as a trainer does while it trains, after claiming
+    the directory)."""
     code = ("import sys, time\n"
             "from selfreplay.train.files import RunLock\n"
-            "RunLock(sys.argv[1]).acquire()\n"
+            "from selfreplay.train.ownership import claim_run_dir\n"
+            "RunLock(claim_run_dir(sys.argv[1])).acquire()\n"
             "print('held', flush=True)\n"
             "time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
@@ -270,7 +273,7 @@ def test_a_second_trainer_in_one_process_gets_a_one_line_error(corpora, tmp_path
     cfg = load_config(TrainConfig, base=unflatten({
         "run_dir": str(run_dir), "data.train": corpora["en"], "model": TINY_MODEL, "stop.steps": 2,
         "log.progress": False, "data.valid_tokens": 600, "data.batch_size": 16, "optim.warmup_tokens": 0}))
-    with RunLock(run_dir):
+    with RunLock(claim_run_dir(run_dir)):
         with pytest.raises(SelfReplayError) as e:
             train(cfg, "pretrain")
         one_line_error(e, "in use by another process", f"pid {os.getpid()}")

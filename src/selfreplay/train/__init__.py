@@ -55,7 +55,10 @@ def train(cfg: TrainConfig, command: str = PRETRAIN, resume: bool = False,
     from selfreplay.train.build import build_parts
     from selfreplay.train.loop import Trainer
 
+    from selfreplay.train.ownership import check_run_dir
+
     cfg, kind, info = prepare(cfg, command)
+    check_run_dir(cfg.run_dir, resume)  # refuse a directory that is not ours before the slow part
     parts = build_parts(cfg, kind, command, info.device, info.rank, info.world_size)
     set_threads(cfg, info.device, parts.model.num_params()["actual"])
     return Trainer(cfg, parts, info.device, resume, on_step).run()

@@ -222,6 +222,33 @@ def test_steps_per_task_applies_to_every_task(tmp_path):
     assert {p.name for p in (tmp_path / "runs").iterdir()} == {"first", "none", "ntp"}
 
 
+def test_demo_replaces_only_what_it_wrote(tmp_path):
+    """A non-empty directory that is not a demo's is refused untouched; in a demo's, a rerun replaces the demo's
+    files and stage runs and leaves the user's files (beside them, in runs/, in a stage's folder) alone."""
+    foreign = tmp_path / "mine"
+    (foreign / "runs").mkdir(parents=True)
+    (foreign / "runs" / "notes.txt").write_text("keep")
+    (foreign / "results.md").write_text("my results")
+    with pytest.raises(SelfReplayError) as e:
+        run_demo(foreign, config=TINY, steps_per_task=3, eval_every=3, echo=lambda s: None)
+    one_line_error(e, f"demo --out {foreign}: not empty and not a selfreplay demo directory")
+    assert sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*")) == ["results.md", "runs", "runs/notes.txt"]
+    assert (foreign / "results.md").read_text() == "my results"
+
+    out = tmp_path / "demo"
+    stage = out / "runs" / "kl" / "1_reversal"  # a stage of an earlier demo, with a file of the user's in it
+    stage.mkdir(parents=True)
+    files = {out / ".selfreplay-demo": "{}", stage / ".selfreplay-run": "{}", stage / "summary.json": "{}",
+             stage / "mine.txt": "keep", out / "runs" / "notes.txt": "keep", out / "notes.txt": "keep",
+             out / "results.md": "old"}
+    for path, text in files.items():
+        path.write_text(text)
+    run_demo(out, config=TINY, steps_per_task=3, eval_every=3, echo=lambda s: None)
+    for path in (stage / "mine.txt", out / "runs" / "notes.txt", out / "notes.txt"):
+        assert path.read_text() == "keep"
+    assert (out / "results.md").read_text() != "old" and json.loads((stage / "summary.json").read_text())["steps"] > 0
+
+
 def test_full_on_a_cpu_warns_first(tmp_path):
     class Stop(Exception):
         pass

@@ -21,7 +21,6 @@ from selfreplay.experiments.sweep import (deep_merge, expand_jobs, flatten, job_
 from selfreplay.train import train
 from selfreplay.train.checkpoint import has_checkpoint
 from selfreplay.train.files import RunLock
-from selfreplay.train.ownership import claim_run_dir
 
 TINY_MODEL = {"d_model": 32, "n_layers": 1, "head_dim": 16, "context": 16, "vocab_size": VOCAB}
 
@@ -267,8 +266,32 @@ def test_a_run_held_by_a_live_process_is_not_trained_twice(corpora, tmp_path):
     assert int((job.run_dir / RunLock.NAME).read_text()) == os.getpid()
 
 
+def test_a_sweep_trains_only_in_directories_of_its_own(corpora, tmp_path):
+    """A sweep directory or a run directory holding files that are not the sweep's is refused untouched."""
+    tree = tiny_experiment(corpora, stages={"pretrain": {"grid": {"optim.lr": [3e-3, 1e-2]},
+                                                         "base": {"stop.steps": 3}}, "finetune": None})
+    exp = load_experiment(write_yaml(tmp_path / "tiny.yaml", tree), "cpu", tmp_path / "runs")
+    exp.root.mkdir(parents=True)
+    (exp.root / "notes.txt").write_text("keep")
+    with pytest.raises(SelfReplayError) as e:
+        run_sweep(exp, in_process=True, log=lambda s: None)
+    one_line_error(e, f"sweep directory {exp.root}: not empty and not a selfreplay sweep directory")
+    assert [p.name for p in exp.root.iterdir()] == ["notes.txt"]
+    (exp.root / "notes.txt").unlink()
+    taken, free = expand_jobs(exp)
+    taken.run_dir.mkdir(parents=True)
+    (taken.run_dir / "config.yaml").write_text("my: own\n")
+    result = run_sweep(exp, in_process=True, log=lambda s: None)
+    assert result.finished == [free.key] and list(result.failed) == [taken.key]
+    assert "not empty and not a selfreplay run directory" in result.failed[taken.key]
+    assert [p.name for p in taken.run_dir.iterdir()] == ["config.yaml"]
+    assert (taken.run_dir / "config.yaml").read_text() == "my: own\n"
+
+
 def test_a_second_trainer_in_one_process_gets_a_one_line_error(corpora, tmp_path):
     """flock is per open file: even a second trainer of this process on the same run_dir is refused."""
+    from selfreplay.train.ownership import claim_run_dir
+
     run_dir = tmp_path / "run"
     cfg = load_config(TrainConfig, base=unflatten({
         "run_dir": str(run_dir), "data.train": corpora["en"], "model": TINY_MODEL, "stop.steps": 2,

@@ -401,7 +401,6 @@ def _run_job(key: str, kind: str, overrides: dict, resume: bool) -> dict:
     """Worker entry point: train one run (the trainer locks its directory), output appended to <run_dir>/train.log."""
     from selfreplay.config import TrainConfig, load_config
     from selfreplay.train import train
-
     from selfreplay.train.ownership import claim_run_dir
 
     run_dir = claim_run_dir(overrides["run_dir"], resume)  # refused unless new, empty or ours; before train.log

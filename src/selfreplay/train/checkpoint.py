@@ -63,7 +63,7 @@ def _ours(name: str) -> bool:
     return name == LATEST or _NAME.match(name) is not None
 
 
-def _real_root(run_dir) -> Path:
+def real_checkpoint_dir(run_dir) -> Path:
     """checkpoints/ of a run directory; a symbolic link there is refused (nothing is written or deleted through it)."""
     root = checkpoint_dir(run_dir)
     if root.is_symlink():
@@ -74,7 +74,7 @@ def _real_root(run_dir) -> Path:
 
 def save_checkpoint(run_dir, step: int, fill: Callable[[Path], None]) -> Path:
     """Write checkpoint ``step``: ``fill(tmp)`` writes its files, then it is published and older ones removed."""
-    root = _real_root(run_dir)
+    root = real_checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(root, _ours)
     final = root / f"step_{step:08d}"

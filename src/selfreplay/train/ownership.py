@@ -25,11 +25,6 @@ RUN_FILES = ("config.yaml", "run.json", "summary.json", "metrics.jsonl", "model.
              "train.log", ".lock")
 
 
-def is_link(path) -> bool:
-    """A symbolic link (not followed)."""
-    return os.path.islink(path)
-
-
 def _real_dir(path: Path) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
@@ -106,15 +101,13 @@ def earlier_run(run_dir) -> bool:
 
 def check_run_dir(run_dir, resume: bool = False) -> None:
     """Refuse a run directory that is not ours before anything is built or written (reads only)."""
-    from selfreplay.train.checkpoint import CHECKPOINTS
+    from selfreplay.train.checkpoint import real_checkpoint_dir
 
     d = Path(run_dir)
     check_claim(d, RUN_MARKER, "run_dir", earlier_run)
     if resume and not d.is_dir():
         raise SelfReplayError(f"--resume: {d} has no training checkpoint to resume from (no such directory)")
-    if is_link(d / CHECKPOINTS):
-        raise SelfReplayError(f"run_dir {d}: {CHECKPOINTS}/ is a symbolic link; checkpoints are written and deleted "
-                              f"only in a real directory of the run")
+    real_checkpoint_dir(d)
 
 
 def claim_run_dir(run_dir, resume: bool = False) -> Path:

@@ -125,6 +125,40 @@ def test_atomic_rewrite_keeps_old_corpus_on_failure(tok_dir, tmp_path):
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
+def test_tokenize_replaces_only_one_of_our_corpora(tok_dir, tmp_path, capsys, monkeypatch):
+    """A directory whose files merely have a corpus's names, a symbolic link, or the working directory is never
+    replaced; an earlier corpus is."""
+    from conftest import run_cli
+
+    def tokenize(out):
+        return run_cli(["tokenize", str(tok_dir / "docs.txt"), "--tokenizer", str(tok_dir / "tok.json"), "--out",
+                        str(out), "--domain-token", "0"], capsys)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text('{"my": "own metadata"}')
+    (foreign / "tokens.bin").write_bytes(b"mine")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(target, target_is_directory=True)
+    for out in (foreign, tmp_path / "link"):
+        code, _, err = tokenize(out)
+        assert code == 2 and err.count("\n") == 1 and str(out) in err and "refusing to overwrite" in err, err
+    assert (foreign / "meta.json").read_text() == '{"my": "own metadata"}'
+    assert (foreign / "tokens.bin").read_bytes() == b"mine"
+    assert (tmp_path / "link").is_symlink() and [p.name for p in target.iterdir()] == ["notes.txt"]
+    empty_cwd = tmp_path / "cwd"
+    empty_cwd.mkdir()
+    monkeypatch.chdir(empty_cwd)
+    code, _, err = tokenize(".")
+    assert code == 2 and "never an output directory" in err and list(empty_cwd.iterdir()) == []
+    stream_corpus(tmp_path / "ours", n=50, vocab=300)
+    code, _, err = tokenize(tmp_path / "ours")
+    assert code == 0, err
+    assert Corpus.open(tmp_path / "ours").meta.source == [str(tok_dir / "docs.txt")]  # replaced
+
+
 def test_write_corpus_errors(tmp_path):
     for tokens, m, words in [(np.array([1, 2, 300]), meta(300), ["0..299"]),
                              (np.array([-1, 2]), meta(300), ["-1"]),

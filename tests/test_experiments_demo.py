@@ -188,7 +188,8 @@ def test_run_demo_writes_outputs(tmp_path):
     lines = []
     out = tmp_path / "out"
     result = run_demo(out, config=TINY, echo=lines.append)
-    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "results.json", "results.md", "demo.png", "runs"}
+    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "results.json", "results.md", "demo.png", "runs",
+                                               ".selfreplay-demo"}
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["method"] for r in records] == ["none"] * 9 + ["kl"] * 9  # the CPU preset replays with KL
     assert set(records[0]) >= {"method", "source", "task", "step", "accuracy", "val_loss"}
@@ -208,6 +209,8 @@ def test_steps_per_task_applies_to_every_task(tmp_path):
     stale = tmp_path / "runs" / "kl" / "1_reversal"  # an earlier demo's stage: the new demo starts afresh
     stale.mkdir(parents=True)
     (stale / "summary.json").write_text("{}")
+    for marked in (tmp_path / ".selfreplay-demo", stale / ".selfreplay-run"):
+        marked.write_text("{}")
     result = run_demo(tmp_path, config=replace(TINY, first_task_steps=9), steps_per_task=3, eval_every=3,
                       method="ntp", source="real", echo=lambda s: None)
     assert [(r.method, r.source) for r in result.runs] == [("none", "real"), ("ntp", "real")]
@@ -217,6 +220,33 @@ def test_steps_per_task_applies_to_every_task(tmp_path):
     config = json.loads((tmp_path / "results.json").read_text())["config"]
     assert (config["steps_per_task"], config["first_task_steps"], config["eval_every"]) == (3, None, 3)
     assert {p.name for p in (tmp_path / "runs").iterdir()} == {"first", "none", "ntp"}
+
+
+def test_demo_replaces_only_what_it_wrote(tmp_path):
+    """A non-empty directory that is not a demo's is refused untouched; in a demo's, a rerun replaces the demo's
+    files and stage runs and leaves the user's files (beside them, in runs/, in a stage's folder) alone."""
+    foreign = tmp_path / "mine"
+    (foreign / "runs").mkdir(parents=True)
+    (foreign / "runs" / "notes.txt").write_text("keep")
+    (foreign / "results.md").write_text("my results")
+    with pytest.raises(SelfReplayError) as e:
+        run_demo(foreign, config=TINY, steps_per_task=3, eval_every=3, echo=lambda s: None)
+    one_line_error(e, f"demo --out {foreign}: not empty and not a selfreplay demo directory")
+    assert sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*")) == ["results.md", "runs", "runs/notes.txt"]
+    assert (foreign / "results.md").read_text() == "my results"
+
+    out = tmp_path / "demo"
+    stage = out / "runs" / "kl" / "1_reversal"  # a stage of an earlier demo, with a file of the user's in it
+    stage.mkdir(parents=True)
+    files = {out / ".selfreplay-demo": "{}", stage / ".selfreplay-run": "{}", stage / "summary.json": "{}",
+             stage / "mine.txt": "keep", out / "runs" / "notes.txt": "keep", out / "notes.txt": "keep",
+             out / "results.md": "old"}
+    for path, text in files.items():
+        path.write_text(text)
+    run_demo(out, config=TINY, steps_per_task=3, eval_every=3, echo=lambda s: None)
+    for path in (stage / "mine.txt", out / "runs" / "notes.txt", out / "notes.txt"):
+        assert path.read_text() == "keep"
+    assert (out / "results.md").read_text() != "old" and json.loads((stage / "summary.json").read_text())["steps"] > 0
 
 
 def test_full_on_a_cpu_warns_first(tmp_path):

@@ -245,10 +245,12 @@ def test_a_finetune_waits_for_its_upstream_while_another_upstream_finishes(corpo
     assert order.index("pretrain/lr=0.003,steps=2") < order.index(long_pretrain) < order.index(long_finetune), order
 
 def _hold_lock(run_dir) -> subprocess.Popen:
-    """Another live process holding the run directory's lock (as a trainer does while it trains)."""
+    """Another live process holding the run directory's lock (as a trainer does while it trains, after claiming
+    the directory)."""
     code = ("import sys, time\n"
             "from selfreplay.train.files import RunLock\n"
-            "RunLock(sys.argv[1]).acquire()\n"
+            "from selfreplay.train.ownership import claim_run_dir\n"
+            "RunLock(claim_run_dir(sys.argv[1])).acquire()\n"
             "print('held', flush=True)\n"
             "time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
@@ -281,13 +283,37 @@ def test_a_run_held_by_a_live_process_is_not_trained_twice(corpora, tmp_path):
     assert int((job.run_dir / RunLock.NAME).read_text()) == os.getpid()
 
 
+def test_a_sweep_trains_only_in_directories_of_its_own(corpora, tmp_path):
+    """A sweep directory or a run directory holding files that are not the sweep's is refused untouched."""
+    tree = tiny_experiment(corpora, stages={"pretrain": {"grid": {"optim.lr": [3e-3, 1e-2]},
+                                                         "base": {"stop.steps": 3}}, "finetune": None})
+    exp = load_experiment(write_yaml(tmp_path / "tiny.yaml", tree), "cpu", tmp_path / "runs")
+    exp.root.mkdir(parents=True)
+    (exp.root / "notes.txt").write_text("keep")
+    with pytest.raises(SelfReplayError) as e:
+        run_sweep(exp, in_process=True, log=lambda s: None)
+    one_line_error(e, f"sweep directory {exp.root}: not empty and not a selfreplay sweep directory")
+    assert [p.name for p in exp.root.iterdir()] == ["notes.txt"]
+    (exp.root / "notes.txt").unlink()
+    taken, free = expand_jobs(exp)
+    taken.run_dir.mkdir(parents=True)
+    (taken.run_dir / "config.yaml").write_text("my: own\n")
+    result = run_sweep(exp, in_process=True, log=lambda s: None)
+    assert result.finished == [free.key] and list(result.failed) == [taken.key]
+    assert "not empty and not a selfreplay run directory" in result.failed[taken.key]
+    assert [p.name for p in taken.run_dir.iterdir()] == ["config.yaml"]
+    assert (taken.run_dir / "config.yaml").read_text() == "my: own\n"
+
+
 def test_a_second_trainer_in_one_process_gets_a_one_line_error(corpora, tmp_path):
     """flock is per open file: even a second trainer of this process on the same run_dir is refused."""
+    from selfreplay.train.ownership import claim_run_dir
+
     run_dir = tmp_path / "run"
     cfg = load_config(TrainConfig, base=unflatten({
         "run_dir": str(run_dir), "data.train": corpora["en"], "model": TINY_MODEL, "stop.steps": 2,
         "log.progress": False, "data.valid_tokens": 600, "data.batch_size": 16, "optim.warmup_tokens": 0}))
-    with RunLock(run_dir):
+    with RunLock(claim_run_dir(run_dir)):
         with pytest.raises(SelfReplayError) as e:
             train(cfg, "pretrain")
         one_line_error(e, "in use by another process", f"pid {os.getpid()}")

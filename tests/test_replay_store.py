@@ -164,6 +164,39 @@ def test_generate_refuses_existing_output_and_changed_settings(tmp_path, monkeyp
     assert json.loads((tmp_path / "part" / REPLAY_INFO).read_text())["temperature"] == 0.5
 
 
+def test_generate_deletes_only_its_own_work_files(tmp_path, monkeypatch):
+    """A <out>.partial/ that generate did not write (no job.json of ours) is refused, --no-resume included; in one of
+    ours, --no-resume deletes its chunks but not what else is there; a '~' path is refused, not made here."""
+    teacher = tiny_gpt()
+    foreign = tmp_path / "replay.partial"
+    foreign.mkdir()
+    (foreign / "chunk_000000.npz").write_bytes(b"mine")
+    for resume in (True, False):
+        with pytest.raises(SelfReplayError) as e:
+            generate(teacher, tmp_path / "replay", n=4, resume=resume)
+        one_line_error(e, str(foreign), "not an interrupted selfreplay generate")
+    assert [p.name for p in foreign.iterdir()] == ["chunk_000000.npz"] and not (tmp_path / "replay").exists()
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Sampler, "sample", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            generate(teacher, tmp_path / "ours", n=4)
+    work = tmp_path / "ours.partial"
+    (work / "notes.txt").write_text("keep")
+    generate(teacher, tmp_path / "ours", n=4, temperature=0.5, resume=False)
+    assert Corpus.open(tmp_path / "ours").meta.num_tokens == 4 * T
+    assert [p.name for p in work.iterdir()] == ["notes.txt"]  # its chunks and job.json went, the note stayed
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SelfReplayError) as e:
+        generate(teacher, "~/replay", n=4)
+    one_line_error(e, "~/replay", "'~'")
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_corrupt_chunk_is_a_one_line_error(tmp_path, monkeypatch):
     teacher = tiny_gpt()
     real_sample, calls = Sampler.sample, []

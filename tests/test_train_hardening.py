@@ -150,7 +150,7 @@ def test_checkpoints_are_resumable_at_every_instant(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_checkpoint(tmp_path, 3, killed_while_writing)
-    stale = tmp_path / "checkpoints" / ".step_00000009.abc.tmp"
+    stale = tmp_path / "checkpoints" / ".step_00000009.abc_1234.tmp"  # mkdtemp's name: 8 random characters
     stale.mkdir()  # as a kill -9 during a write leaves it
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
     ckpt.save_checkpoint(tmp_path, 4, fill(4))

@@ -67,7 +67,8 @@ def tokenizer_train(inputs, out, vocab_size, max_lines, shuffle_seed, text_field
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(), help="tokenizer JSON file")
-@click.option("--out", required=True, type=click.Path(), help="corpus directory to write")
+@click.option("--out", required=True, type=click.Path(),
+              help="corpus directory to write (new or empty; an earlier corpus there is replaced)")
 @click.option("--domain-token", type=int, required=True, help="reserved id 0-9 written at position 0 of every sequence")
 @click.option("--max-tokens", type=int, default=None, help="keep only the first N tokens")
 @click.option("--shuffle-seed", type=int, default=None, help="shuffle documents (lines) with this seed first")
@@ -305,7 +306,8 @@ def bench(overrides, model, methods, steps, warmup, no_isolate, json_out) -> Non
 # ---------------------------------------------------------------------------- the demo
 @cli.command()
 @click.option("--out", "out_dir", default="demo_out", show_default=True, type=click.Path(file_okay=False),
-              help="directory for demo.png, metrics.jsonl, results.json and results.md")
+              help="directory for demo.png, metrics.jsonl, results.json and results.md (new, empty or an earlier "
+                   "demo's: a rerun replaces only its own files)")
 @click.option("--full", is_flag=True, help="the paper's configuration (d_model 256, batch 2048, 2000 steps/task; GPU)")
 @click.option("--method", type=click.Choice(["ntp", "kl"]), default=None,
               help="replay penalty of the 'with replay' run (default: kl on the CPU preset, ntp with --full as the "

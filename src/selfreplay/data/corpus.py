@@ -93,17 +93,31 @@ class CorpusMeta:
 # ------------------------------------------------------------------------------------------------------- writing
 
 def _is_replaceable(path: Path) -> bool:
-    """An existing path we may overwrite: an empty directory or an earlier corpus."""
-    return path.is_dir() and {p.name for p in path.iterdir()} <= {TOKENS_FILE, META_FILE, "recipe.json"}
+    """An existing path we may overwrite: an empty directory, or a corpus of ours (a readable meta.json and
+    nothing but a corpus's files; a symbolic link never)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return True
+    if not names <= {TOKENS_FILE, META_FILE, "recipe.json"}:
+        return False
+    try:
+        CorpusMeta.from_dict(json.loads((path / META_FILE).read_text(encoding="utf-8")), str(path / META_FILE))
+    except (OSError, ValueError, TypeError, SelfReplayError):
+        return False
+    return True
 
 
 @contextmanager
 def _atomic_corpus_dir(out_dir: PathLike) -> Iterator[Path]:
     """A temporary directory that replaces ``out_dir`` (only an earlier corpus) when complete."""
     from selfreplay.train.files import atomic_dir
+    from selfreplay.train.ownership import refuse_special
 
     out = Path(out_dir)
-    if out.exists() and not _is_replaceable(out):
+    refuse_special(out, "corpus directory")
+    if os.path.lexists(out) and not _is_replaceable(out):
         raise SelfReplayError(f"{out}: exists and is not a tokenized corpus; refusing to overwrite it")
     with atomic_dir(out) as tmp:
         yield tmp

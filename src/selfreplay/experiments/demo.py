@@ -14,11 +14,15 @@ a multi-core CPU they then run side by side. Outputs in the output directory:
     results.md      the printed table and verdict
     demo.png        accuracy per task vs step, "Without replay" | "With self-generated replay"
     runs/           each stage's run directory (config, metrics, weights)
+
+The directory must be new, empty or an earlier demo's (marked by ``.selfreplay-demo``): a rerun replaces only the
+files above and its own stage runs, and leaves anything else in it alone.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 import threading
@@ -42,8 +46,10 @@ from selfreplay.replay.sources import ReplayBatch, SelfGeneratedReplay
 from selfreplay.train.build import Parts
 from selfreplay.train.files import atomic_write, dumps
 from selfreplay.train.loop import Trainer
+from selfreplay.train.ownership import claim_dir, remove_if_only, remove_run_dir
 
 METHODS = ("none", "ntp", "kl")
+DEMO_MARKER = ".selfreplay-demo"
 SOURCES = ("self", "real")
 
 
@@ -357,6 +363,31 @@ def _write_metrics(out_dir: Path, runs: list[RunResult]) -> None:
     atomic_write(out_dir / "metrics.jsonl", "\n".join(lines) + ("\n" if lines else ""))
 
 
+def _earlier_demo(out: Path) -> bool:
+    """An output directory of a demo from before markers: its results.json or its first stage's runs."""
+    try:
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        results = None
+    return (isinstance(results, dict) and "verdict" in results) or (out / "runs" / "first").is_dir()
+
+
+def _remove_stage_runs(out: Path) -> None:
+    """Delete the stage run directories of an earlier demo in ``out`` (runs/<method>/<k>_<task>), only ours."""
+    runs = out / "runs"
+    if runs.is_symlink():
+        raise SelfReplayError(f"demo --out {out}: runs/ is a symbolic link; the demo deletes its earlier stages only "
+                              f"in a real directory")
+    if not runs.is_dir():
+        return
+    for group in runs.iterdir():
+        if group.is_dir() and not group.is_symlink():
+            for stage in group.iterdir():
+                remove_run_dir(stage)
+            remove_if_only(group, [])
+    remove_if_only(runs, [])
+
+
 def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optional[str] = None,
              source: str = "self", seed: int = 0, device: str = "auto", steps_per_task: Optional[int] = None,
              eval_every: Optional[int] = None, echo: Callable[[str], None] = print,
@@ -366,8 +397,6 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     ``full`` selects the paper's configuration (meant for a GPU), otherwise the CPU preset; ``config`` replaces
     both. ``steps_per_task`` sets every task's length (the first included); ``eval_every`` the evaluation interval.
     """
-    import shutil
-
     from selfreplay.train.distributed import resolve_device
 
     cfg = config or (FULL if full else CPU)
@@ -388,9 +417,8 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     if full and dev.type == "cpu":
         echo("warning: demo --full is the paper's GPU configuration (batch 2048, 8,000 steps): on this CPU it would "
              "take days; the default preset shows the same in about 3 minutes")
-    out = Path(out_dir)
-    shutil.rmtree(out / "runs", ignore_errors=True)  # the stages of an earlier demo in this directory
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_dir(out_dir, DEMO_MARKER, "demo --out", _earlier_demo)
+    _remove_stage_runs(out)
 
     start = time.perf_counter()
     echo(f"selfreplay demo: {' -> '.join(TASKS)} ({'/'.join(map(str, task_steps(cfg, len(TASKS))))} steps), "

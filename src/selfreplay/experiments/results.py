@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.experiments.sweep import Experiment, Job, expand_jobs, flatten, format_value, job_config, job_status
+from selfreplay.experiments.sweep import (Experiment, Job, claim_sweep_root, expand_jobs, flatten, format_value,
+                                         job_config, job_status)
 from selfreplay.replay.losses import from_paper_convention
 
 PAPER_SEQ_LEN = 256  # the paper's models: losses divided by all 256 positions
@@ -92,7 +93,7 @@ def write_results(exp: Experiment, jobs: Optional[list[Job]] = None) -> tuple[Pa
     from selfreplay.train.files import atomic_write
 
     rows, traj = collect_results(exp, jobs)
-    exp.root.mkdir(parents=True, exist_ok=True)
+    claim_sweep_root(exp)
     table, trajectories = exp.root / "results.csv", exp.root / "results_trajectories.csv"
     atomic_write(table, _csv_text(rows, RESULT_COLUMNS))
     atomic_write(trajectories, _csv_text(traj, ["stage", "run", "step", "tokens"]))

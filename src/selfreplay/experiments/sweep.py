@@ -348,6 +348,20 @@ def job_status(job: Job) -> str:
     return "new"
 
 
+SWEEP_MARKER = ".selfreplay-sweep"
+
+
+def claim_sweep_root(exp: Experiment) -> Path:
+    """Create and mark the sweep's directory (RUNS_DIR/<name>/<scale>); one that is not ours is refused (an earlier
+    version's is recognised by its results.csv or a stage's folder)."""
+    from selfreplay.train.ownership import claim_dir
+
+    def earlier(d: Path) -> bool:
+        return (d / "results.csv").is_file() or any((d / stage.name).is_dir() for stage in exp.stages)
+
+    return claim_dir(exp.root, SWEEP_MARKER, "sweep directory", earlier)
+
+
 def check_finished_config(job: Job) -> None:
     """A finished run must have been trained with the job's current config (else its results are stale)."""
     from selfreplay.config import TrainConfig, config_to_dict, load_config
@@ -387,9 +401,9 @@ def _run_job(key: str, kind: str, overrides: dict, resume: bool) -> dict:
     """Worker entry point: train one run (the trainer locks its directory), output appended to <run_dir>/train.log."""
     from selfreplay.config import TrainConfig, load_config
     from selfreplay.train import train
+    from selfreplay.train.ownership import claim_run_dir
 
-    run_dir = Path(overrides["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_run_dir(overrides["run_dir"], resume)  # refused unless new, empty or ours; before train.log
     with open(run_dir / "train.log", "a") as logf:
         old_out, old_err = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = logf
@@ -465,7 +479,7 @@ def run_sweep(exp: Experiment, workers: Optional[int] = None, threads: int = 1, 
     done = set(result.skipped)
     log(f"sweep {exp.name} ({exp.scale}): {len(jobs)} runs, {len(done)} finished, {len(pending)} to run -> "
         f"{exp.root}")
-    exp.root.mkdir(parents=True, exist_ok=True)
+    claim_sweep_root(exp)
     start = time.time()
 
     def ready(j: Job) -> bool:

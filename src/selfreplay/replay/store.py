@@ -19,7 +19,7 @@ import io
 import json
 import math
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -32,9 +32,11 @@ from selfreplay.models.core import CausalLM, Teacher
 from selfreplay.progress import progress
 from selfreplay.replay.prompts import Prompts
 from selfreplay.replay.sources import REPLAY_INFO, TOPK_INDICES, TOPK_VALUES, SelfGeneratedReplay
-from selfreplay.train.files import atomic_write, atomic_write_json
+from selfreplay.train.files import atomic_write, atomic_write_json, remove_stale_temporaries
+from selfreplay.train.ownership import refuse_special, remove_if_only, remove_named, remove_tree
 
 JOB_FILE = "job.json"
+STAGING = "corpus"  # inside <out>.partial/: the corpus being assembled, renamed to <out> when complete
 REPLAY_FORMAT_VERSION = 2
 LOGPROB_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -48,6 +50,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+CHUNK_NAME = re.compile(r"chunk_\d{6,}\.npz")
 
 
 def _chunk_path(work: Path, index: int) -> Path:
@@ -68,13 +73,33 @@ def _load_chunk(path: Path) -> dict[str, np.ndarray]:
         raise SelfReplayError(f"{path}: corrupt chunk ({str(e).splitlines()[0]}); delete it to resample it") from None
 
 
+def _is_our_work(work: Path) -> bool:
+    """A ``.partial`` folder of ours: a real directory holding the job.json an interrupted generate wrote."""
+    try:
+        saved = json.loads((work / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return not work.is_symlink() and isinstance(saved, dict) and "format_version" in saved
+
+
+def _clear_work(work: Path) -> None:
+    """Delete what generate wrote in ``work`` (chunks, the staging corpus, job.json, temporaries); the folder goes
+    too unless something else is in it."""
+    remove_named(work, [p.name for p in work.iterdir() if CHUNK_NAME.fullmatch(p.name)] + [STAGING, JOB_FILE])
+    remove_stale_temporaries(work)
+    remove_if_only(work, [])
+
+
 def _resume_or_start(work: Path, settings: dict, resume: bool) -> None:
     job = work / JOB_FILE
+    if work.is_symlink() or (work.exists() and not _is_our_work(work)):
+        raise SelfReplayError(f"generate: {work} exists and is not an interrupted selfreplay generate (no "
+                              f"{JOB_FILE} of ours); remove it or choose another --out")
     if work.exists() and not resume:
-        shutil.rmtree(work)
-    if work.exists():
+        _clear_work(work)
+    if job.is_file():
         try:
-            saved = json.loads(job.read_text(encoding="utf-8")) if job.is_file() else None
+            saved = json.loads(job.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             saved = None
         if saved != json.loads(json.dumps(settings)):
@@ -82,7 +107,7 @@ def _resume_or_start(work: Path, settings: dict, resume: bool) -> None:
             raise SelfReplayError(f"generate: {work} holds an interrupted run with other settings ({', '.join(changed)})"
                                   f"; delete it or pass --no-resume")
     else:
-        work.mkdir(parents=True)
+        work.mkdir(parents=True, exist_ok=True)
         atomic_write_json(job, settings)
 
 
@@ -107,7 +132,8 @@ def generate_replay(model: CausalLM, out_dir, num_sequences: int, prompts: Promp
         raise SelfReplayError(f"generate: --seed={seed}: must be >= 0")
     if logprobs_dtype not in LOGPROB_DTYPES:
         raise SelfReplayError(f"generate: logprobs_dtype={logprobs_dtype!r}: expected float32 or float16")
-    if out.exists():
+    refuse_special(out, "generate --out")
+    if os.path.lexists(out):
         raise SelfReplayError(f"generate: {out} already exists; remove it or choose another output directory")
     vocab = model.vocab_size
     chunk_rows = min(batch_size, num_sequences)
@@ -148,8 +174,8 @@ def generate_replay(model: CausalLM, out_dir, num_sequences: int, prompts: Promp
 def _assemble(out: Path, work: Path, settings: dict, num_chunks: int, fingerprint: str, tokenizer: Optional[str],
               vocab: int, eos_id: Optional[int], prompts: Prompts, source: Optional[str]) -> CorpusMeta:
     """Join the chunks into ``<work>/corpus`` (tokens, log-probs, replay.json), then rename it to ``out``."""
-    staging = work / "corpus"
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted assembly
+    staging = work / STAGING
+    remove_tree(staging)  # left by an interrupted assembly
     chunks = [_load_chunk(_chunk_path(work, i)) for i in range(num_chunks)]
     tokens = np.concatenate([c["tokens"] for c in chunks])
     N, T = settings["num_sequences"], settings["length"]
@@ -179,7 +205,7 @@ def _assemble(out: Path, work: Path, settings: dict, num_chunks: int, fingerprin
     if out.exists():
         raise SelfReplayError(f"generate: {out} appeared while generating; not overwriting it (chunks kept in {work})")
     os.replace(staging, out)
-    shutil.rmtree(work, ignore_errors=True)
+    _clear_work(work)
     return meta
 
 

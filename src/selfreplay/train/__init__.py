@@ -49,6 +49,24 @@ def prepare(cfg: TrainConfig, command: str) -> tuple[TrainConfig, str, "object"]
     return cfg, kind, info
 
 
+def _refuse_foreign_run_dir(cfg: TrainConfig, rank: int, resume: bool) -> None:
+    """Refuse a run directory that is not ours before the slow part (rank 0 looks, every rank learns the answer:
+    the others must not look while rank 0 may already be writing its marker)."""
+    from selfreplay.errors import SelfReplayError
+    from selfreplay.train.distributed import broadcast_object
+    from selfreplay.train.ownership import check_run_dir
+
+    error = None
+    if rank == 0:
+        try:
+            check_run_dir(cfg.run_dir, resume)
+        except SelfReplayError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise SelfReplayError(error)
+
+
 def train(cfg: TrainConfig, command: str = PRETRAIN, resume: bool = False,
           on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Run a pretraining or finetuning job (in every rank under torchrun); returns the final summary."""
@@ -56,6 +74,7 @@ def train(cfg: TrainConfig, command: str = PRETRAIN, resume: bool = False,
     from selfreplay.train.loop import Trainer
 
     cfg, kind, info = prepare(cfg, command)
+    _refuse_foreign_run_dir(cfg, info.rank, resume)
     parts = build_parts(cfg, kind, command, info.device, info.rank, info.world_size)
     set_threads(cfg, info.device, parts.model.num_params()["actual"])
     return Trainer(cfg, parts, info.device, resume, on_step).run()

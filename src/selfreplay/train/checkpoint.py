@@ -10,7 +10,8 @@ Layout inside a run directory::
 A new checkpoint is written into a temporary directory, renamed into place, then ``latest`` is pointed at it,
 and only then are older checkpoints deleted: a kill at any moment leaves at least one complete checkpoint, and
 :func:`latest_checkpoint` finds the newest complete one even if ``latest`` is missing or stale. Temporary
-directories left by kills are removed on the next save.
+directories left by kills are removed on the next save. Only these names are ever deleted, never through a
+symbolic link: a linked ``checkpoints/`` is refused, and ``checkpoints/`` stays when anything else is in it.
 
 The state holds everything the loop needs to continue bit for bit: the trainable weights and optimizer state
 (gathered in full, so any number of ranks can resume), the scheduler, the data and replay positions, the RNG
@@ -168,18 +169,32 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def _ours(name: str) -> bool:
+    """A name this module writes in checkpoints/ (a step directory or the pointer)."""
+    return name == LATEST or _NAME.match(name) is not None
+
+
+def real_checkpoint_dir(run_dir) -> Path:
+    """checkpoints/ of a run directory; a symbolic link there is refused (nothing is written or deleted through it)."""
+    root = checkpoint_dir(run_dir)
+    if root.is_symlink():
+        raise SelfReplayError(f"run_dir {run_dir}: {CHECKPOINTS}/ is a symbolic link; checkpoints are written and "
+                              f"deleted only in a real directory of the run")
+    return root
+
+
 def save_checkpoint(run_dir, step: int, fill: Callable[[Path], None]) -> Path:
     """Write checkpoint ``step``: ``fill(tmp)`` writes its files (:func:`write_state`), then it is published and
     older ones removed."""
-    root = checkpoint_dir(run_dir)
+    root = real_checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(root)
+    remove_stale_temporaries(root, _ours)
     final = root / f"step_{step:08d}"
     with atomic_dir(final) as tmp:
         fill(tmp)
     atomic_write(root / LATEST, final.name + "\n")
     for old in root.iterdir():
-        if old != final and _NAME.match(old.name):
+        if old != final and _NAME.match(old.name) and not old.is_symlink() and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -199,7 +214,23 @@ def load_checkpoint_state(run_dir) -> dict:
 
 
 def remove_checkpoints(run_dir) -> None:
-    shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+    """Delete the checkpoints of a finished run: step directories, ``latest`` and our temporaries only, then
+    checkpoints/ itself if nothing else is in it (a linked checkpoints/ is left alone)."""
+    root = checkpoint_dir(run_dir)
+    if root.is_symlink() or not root.is_dir():
+        return
+    remove_stale_temporaries(root, _ours)
+    for entry in root.iterdir():
+        if entry.is_symlink():
+            continue
+        if _NAME.match(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name == LATEST and entry.is_file():
+            entry.unlink()
+    try:
+        root.rmdir()
+    except OSError:  # something of the user's is in it: leave it
+        pass
 
 
 def has_checkpoint(run_dir) -> bool:

@@ -14,15 +14,18 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from selfreplay.errors import SelfReplayError
 
 TMP_SUFFIX = ".tmp"
+# what mkstemp / mkdtemp name our temporaries: "." + destination (+ ".old") + "." + 8 random characters + ".tmp"
+TEMP_NAME = re.compile(r"^\.(?P<name>.+?)(?:\.old)?\.[a-z0-9_]{8}\.tmp$")
 
 
 def _apply_umask(path: Path, directory: bool = False) -> None:
@@ -94,9 +97,12 @@ def atomic_write_json(path, obj: Any) -> None:
 def atomic_dir(out_dir, replace: bool = True) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out_dir`` to fill; on success it becomes ``out_dir``.
 
-    An existing ``out_dir`` is replaced only once the new one is complete (``replace=False``: refused).
+    An existing ``out_dir`` is replaced only once the new one is complete (``replace=False``: refused); the caller
+    makes sure it is ours. A symbolic link is never replaced.
     """
     out = Path(out_dir)
+    if out.is_symlink():
+        raise SelfReplayError(f"{out}: is a symbolic link; not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=TMP_SUFFIX))
     try:
@@ -118,12 +124,17 @@ def atomic_dir(out_dir, replace: bool = True) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(directory) -> None:
-    """Delete ``.*.tmp`` files and directories that killed writers left in ``directory``."""
+def remove_stale_temporaries(directory, names: Optional[Callable[[str], bool]] = None) -> None:
+    """Delete the temporary files and folders our writers left in ``directory`` when killed mid-write: only our
+    names (``.<name>.<8 random characters>.tmp``; ``names``: only for destinations it accepts), never following a
+    symbolic link."""
     d = Path(directory)
-    if not d.is_dir():
+    if d.is_symlink() or not d.is_dir():
         return
-    for p in d.glob(f".*{TMP_SUFFIX}"):
+    for p in d.iterdir():
+        m = TEMP_NAME.match(p.name)
+        if m is None or p.is_symlink() or (names is not None and not names(m["name"])):
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

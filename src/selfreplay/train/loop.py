@@ -33,6 +33,7 @@ from selfreplay.train import checkpoint as ckpt
 from selfreplay.train import distributed as dist
 from selfreplay.train.build import Parts, chunk_size_for
 from selfreplay.train.files import RunLock, atomic_write, atomic_write_json
+from selfreplay.train.ownership import claim_run_dir
 from selfreplay.train.optim import autocast_for, compile_on, lr_factor, make_optimizer
 
 PROGRESS_EVERY = 25
@@ -237,10 +238,12 @@ class Trainer:
                 lock.release()
 
     def _lock(self) -> Optional[RunLock]:
-        """One writer per run directory: rank 0 holds the lock, every rank learns whether it got it."""
+        """One writer per run directory, and only one of ours (see train.ownership): rank 0 claims it and holds the
+        lock, every rank learns whether it got it."""
         lock, error = None, None
         if self.main:
             try:
+                claim_run_dir(self.run_dir, self.resume)  # before any write, the lock file included
                 lock = RunLock(self.run_dir).acquire()
             except SelfReplayError as e:
                 error = str(e)

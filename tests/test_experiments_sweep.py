@@ -351,3 +351,25 @@ def test_ctrl_c_then_sigterm_stop_the_sweep_with_checkpoints_and_a_rerun_resumes
         ref, got = load_file(str(tmp_path / "ref" / job.name / "model.safetensors")), \
             load_file(str(job.run_dir / "model.safetensors"))
         assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), job.key
+
+
+def test_a_run_whose_process_is_killed_fails_alone(corpora, tmp_path):
+    """kill -9 (or the out-of-memory killer) of one run's process fails that run only; the others go on."""
+    import threading
+
+    tree = tiny_experiment(corpora, stages={"pretrain": {"grid": {"optim.lr": None, "stop.steps": [100000, 5]}},
+                                            "finetune": None})
+    exp = load_experiment(write_yaml(tmp_path / "tiny.yaml", tree), "cpu", tmp_path / "runs")
+    doomed, survivor = expand_jobs(exp)
+
+    def kill_once_training():
+        while not (doomed.run_dir / "metrics.jsonl").exists() or not (doomed.run_dir / "metrics.jsonl").read_text():
+            time.sleep(0.05)
+        os.kill(int((doomed.run_dir / RunLock.NAME).read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_training, daemon=True)
+    killer.start()
+    with deadline(180, "the sweep with a killed run"):
+        result = run_sweep(exp, workers=2, log=lambda s: None)
+    assert result.finished == [survivor.key]
+    assert result.failed == {doomed.key: "its process died (killed by SIGKILL)"}

@@ -124,3 +124,35 @@ def hf_files(tmp_path_factory):
                             for i in range(40)))
     return {"llama": str(root / "llama"), "qwen2": str(root / "qwen2"), "chat": write_chat_jsonl(root / "chat.jsonl"),
             "text": str(text)}
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on its own 64 KiB tmpfs: a real filesystem that fills up (mounting it needs root)."""
+    import subprocess
+
+    mount = tmp_path / "small_fs"
+    mount.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                              text=True)
+    except OSError as e:
+        pytest.skip(f"a real full disk needs `mount -t tmpfs`: {e}")
+    if done.returncode:
+        pytest.skip(f"a real full disk needs `mount -t tmpfs` (root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def fill_disk(directory) -> None:
+    """Fill the filesystem of ``directory`` (a ``full_disk``) to the last page with one file."""
+    import errno
+
+    with open(Path(directory) / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_line_error
+from conftest import fill_disk, one_line_error, run_cli
 from selfreplay.data import corpus as corpus_module
 from selfreplay.data.batch import Batch
 from selfreplay.data.corpus import Corpus, CorpusMeta, tokenize_corpus, write_corpus
@@ -157,6 +157,24 @@ def test_tokenize_replaces_only_one_of_our_corpora(tok_dir, tmp_path, capsys, mo
     code, _, err = tokenize(tmp_path / "ours")
     assert code == 0, err
     assert Corpus.open(tmp_path / "ours").meta.source == [str(tok_dir / "docs.txt")]  # replaced
+
+
+def test_a_full_disk_is_one_line_naming_the_corpus_and_leaves_nothing(tok_dir, full_disk, capsys):
+    """A real full filesystem: numpy reports the short write of tokens.bin without an errno; the user reads
+    "no space left" and the corpus's path, and no temporary directory stays behind."""
+    many = tok_dir / "many.txt"  # ~50k tokens: about 100 KiB of uint16 on a 64 KiB filesystem
+    many.write_text("\n".join(DOCS * 60) + "\n", encoding="utf-8")
+    out = full_disk / "corpus"
+    code, _, err = run_cli(["tokenize", str(many), "--tokenizer", str(tok_dir / "tok.json"), "--out", str(out),
+                            "--domain-token", "0"], capsys)
+    assert code == 2 and err.startswith("error: no space left on the device writing ") and err.count("\n") == 1, err
+    assert str(out) in err
+    assert list(full_disk.iterdir()) == []
+    fill_disk(full_disk)  # write_corpus (the replay store's writer too) on a disk with no room at all
+    with pytest.raises(SelfReplayError) as e:
+        write_corpus(np.arange(5000) % 300, full_disk / "rows", meta(300))
+    one_line_error(e, "no space left on the device", str(full_disk / "rows"))
+    assert [p.name for p in full_disk.iterdir()] == ["filler"]
 
 
 def test_write_corpus_errors(tmp_path):

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from conftest import VOCAB, one_line_error
@@ -342,3 +343,76 @@ def test_a_killed_sweep_takes_its_runs_along_with_a_checkpoint(corpora, tmp_path
         while os.path.exists(f"/proc/{worker}") and "zombie" not in open(f"/proc/{worker}/status").read():
             time.sleep(0.1)
     assert has_checkpoint(job.run_dir)
+
+
+def test_ctrl_c_then_sigterm_stop_the_sweep_with_checkpoints_and_a_rerun_resumes_bitwise(corpora, tmp_path):
+    """Ctrl-C at a terminal (SIGINT to the whole process group), then SIGTERM to the sweep alone (a cluster's
+    scheduler, kill): the running run checkpoints and stops, no other run starts, the table says interrupted, one
+    line on stderr and exit 128 + the signal; the next sweep finishes with the weights of runs never interrupted."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("process groups and parent-death signals: Linux only")
+    from safetensors.torch import load_file
+
+    tree = tiny_experiment(corpora, stages={"pretrain": {"grid": {"optim.lr": [3e-3, 1e-2]}, "base": {
+        "stop.steps": 500, "eval.every_tokens": 16 * 16 * 100}}, "finetune": None})
+    path = write_yaml(tmp_path / "tiny.yaml", tree)
+    exp = load_experiment(path, "cpu", tmp_path / "runs")
+    first, second = expand_jobs(exp)
+    for job in (first, second):
+        train(load_config(TrainConfig, base=unflatten({**job.overrides, "run_dir": str(tmp_path / "ref" / job.name)})),
+              "pretrain")
+
+    def metrics_inode() -> int:
+        path = first.run_dir / "metrics.jsonl"
+        return path.stat().st_ino if path.exists() else 0
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before = metrics_inode()
+        sweep = subprocess.Popen([sys.executable, "-m", "selfreplay", "sweep", path, "--runs-dir",
+                                  str(tmp_path / "runs"), "--workers", "1"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        with deadline(120, "the run never started training"):
+            while metrics_inode() in (0, before):  # the trainer (re)writes metrics.jsonl once it takes signals
+                assert sweep.poll() is None, sweep.communicate()
+                time.sleep(0.05)
+        if sig == signal.SIGINT:
+            os.killpg(sweep.pid, sig)  # Ctrl-C: the terminal signals every process of the foreground group
+        else:
+            sweep.send_signal(sig)  # the sweep alone: it forwards the signal to its run
+        out, err = sweep.communicate(timeout=120)
+        assert sweep.returncode == 128 + sig, err
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith(f"error: interrupted by {signal.Signals(sig).name}: 1 run(s) stopped with a "
+                              f"checkpoint; run the same command again to continue"), err
+        assert f"stopped {first.key} with a checkpoint" in out and f"start {second.key}" not in out
+        assert job_status(first) == "interrupted" and job_status(second) == "new"
+        assert [r["status"] for r in read_csv(exp.root / "results.csv")] == ["interrupted", "new"]
+
+    result = run_sweep(exp, in_process=True, log=lambda s: None)
+    assert sorted(result.finished) == [first.key, second.key] and not result.failed
+    for job in (first, second):
+        ref, got = load_file(str(tmp_path / "ref" / job.name / "model.safetensors")), \
+            load_file(str(job.run_dir / "model.safetensors"))
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), job.key
+
+
+def test_a_run_whose_process_is_killed_fails_alone(corpora, tmp_path):
+    """kill -9 (or the out-of-memory killer) of one run's process fails that run only; the others go on."""
+    import threading
+
+    tree = tiny_experiment(corpora, stages={"pretrain": {"grid": {"optim.lr": None, "stop.steps": [100000, 5]}},
+                                            "finetune": None})
+    exp = load_experiment(write_yaml(tmp_path / "tiny.yaml", tree), "cpu", tmp_path / "runs")
+    doomed, survivor = expand_jobs(exp)
+
+    def kill_once_training():
+        while not (doomed.run_dir / "metrics.jsonl").exists() or not (doomed.run_dir / "metrics.jsonl").read_text():
+            time.sleep(0.05)
+        os.kill(int((doomed.run_dir / RunLock.NAME).read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_training, daemon=True)
+    killer.start()
+    with deadline(180, "the sweep with a killed run"):
+        result = run_sweep(exp, workers=2, log=lambda s: None)
+    assert result.finished == [survivor.key]
+    assert result.failed == {doomed.key: "its process died (killed by SIGKILL)"}

@@ -140,6 +140,15 @@ def test_interrupted_generate_resumes_to_a_byte_identical_corpus(tmp_path, monke
     assert not (tmp_path / "b" / "replay.partial").exists()
 
 
+def test_a_full_disk_while_assembling_is_one_line_and_keeps_the_chunks(full_disk):
+    """The sampled chunks fit on the filesystem, the assembled corpus does not: the log-probs are written without
+    a memory map (whose writes would kill the process with SIGBUS), the error names the file, the chunks stay."""
+    with pytest.raises(SelfReplayError) as e:
+        generate(tiny_gpt(), full_disk / "replay", n=64, batch_size=16, logprobs_top_k=6)
+    one_line_error(e, "no space left on the device", str(full_disk / "replay.partial" / "corpus"), "chunks are kept")
+    assert len(list((full_disk / "replay.partial").glob("chunk_*.npz"))) == 4 and not (full_disk / "replay").exists()
+
+
 def test_generate_refuses_existing_output_and_changed_settings(tmp_path, monkeypatch):
     teacher = tiny_gpt()
     generate(teacher, tmp_path / "done", n=4)

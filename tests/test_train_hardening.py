@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, tiny_overrides
+from conftest import fill_disk, run_cli, tiny_overrides
 from selfreplay.config import FINETUNE, TrainConfig, load_config
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluate.metrics import read_metrics
@@ -119,6 +119,63 @@ def test_a_signal_checkpoints_at_a_step_boundary_and_resumes_bitwise(corpora, pr
     ref, got = _weights(tmp_path / "ref"), _weights(moved)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     _same_records(tmp_path / "ref", moved)
+
+
+EVAL_EXTRA = {"stop.steps": 30, "eval.every_steps": 10, "eval.batch_size": 4}  # 10 batches per scoring
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpora, pretrained, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(load_config(TrainConfig, [], _finetune_args(run_dir, corpora, pretrained, **EVAL_EXTRA)), FINETUNE)
+    return run_dir
+
+
+# the scorings of the run: (new data, old data) at steps 0, 10, 20 and 30 (the final evaluation)
+@pytest.mark.parametrize("scoring,step", [(0, 0), (1, 0), (4, 20), (7, 30)])
+def test_sigterm_during_an_evaluation_stops_within_a_batch_and_resumes_bitwise(corpora, pretrained, uninterrupted,
+                                                                               tmp_path, monkeypatch, scoring, step):
+    """The evaluation is abandoned at its next batch; the checkpoint is the step boundary before it, and the
+    resumed run redoes that evaluation: the same weights and metrics records as a run never interrupted. Before
+    the first step there is nothing to checkpoint: the same command starts the run again."""
+    import selfreplay.train.loop as loop
+
+    real_score, scorings, pulled_after = loop.score, [], []
+
+    def score(model, batches, *args, **kwargs):
+        def watched():
+            for i, batch in enumerate(batches):
+                if len(scorings) == scoring and i == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if len(scorings) == scoring and i >= 3:
+                    pulled_after.append(i)
+                yield batch
+
+        try:
+            return real_score(model, watched(), *args, **kwargs)
+        finally:
+            scorings.append(1)
+
+    monkeypatch.setattr(loop, "score", score)
+    run_dir = tmp_path / "run"
+    cfg = load_config(TrainConfig, [], _finetune_args(run_dir, corpora, pretrained, **EVAL_EXTRA))
+    with pytest.raises(loop.Interrupted) as e:
+        train(cfg, FINETUNE)
+    assert e.value.exit_code == 128 + signal.SIGTERM and "\n" not in str(e.value)
+    assert pulled_after == [3]  # the batch in hand when the signal came, then none
+    assert not (run_dir / "summary.json").exists()
+    if step == 0:
+        assert "before the first step" in str(e.value) and ckpt.latest_checkpoint(run_dir) is None
+    else:
+        assert f"stopped by SIGTERM at step {step}" in str(e.value)
+        assert ckpt.latest_checkpoint(run_dir).name == f"step_{step:08d}"
+    monkeypatch.setattr(loop, "score", real_score)
+    train(load_config(TrainConfig, [], _finetune_args(run_dir, corpora, pretrained, **EVAL_EXTRA)), FINETUNE,
+          resume=step > 0)
+    ref, got = _weights(uninterrupted), _weights(run_dir)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    _same_records(uninterrupted, run_dir)
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 10, 20, 30]
 
 
 # ------------------------------------------------------------------------------------------------ crash windows
@@ -269,6 +326,19 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_nothing_half_written
     assert not leftovers, leftovers
     if where in ("tokenize", "tokenizer", "final"):
         assert not target.exists()
+
+
+@pytest.mark.parametrize("fills_at,written", [(5, "metrics.jsonl"), (40, "model.safetensors")])
+def test_a_real_full_disk_while_training_is_one_line_naming_the_file(corpora, full_disk, fills_at, written):
+    """The filesystem fills up during the run: the append to metrics.jsonl, or the final weights (safetensors
+    reports ENOSPC as its own error), fail with one line naming the file, and no temporary stays behind."""
+    run_dir = full_disk / "run"
+    args = tiny_overrides(run_dir, corpora["en"], **{"stop.steps": 40, "eval.every_steps": 1 if fills_at == 5 else 40})
+    with pytest.raises(SelfReplayError) as e:
+        train(load_config(TrainConfig, [], args), "pretrain", on_step=lambda s: s == fills_at and fill_disk(full_disk))
+    message = str(e.value)
+    assert "\n" not in message and "no space left on the device" in message and str(run_dir / written) in message
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
 # ------------------------------------------------------------------------------------------------ bad values

@@ -23,6 +23,7 @@ import numpy as np
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.progress import progress
+from selfreplay.train.files import write_array
 from selfreplay.data.tokenizer import (N_RESERVED, PathLike, batch_encoder, domain_token_name, eos_id, iter_text,
                                   load_tokenizer, shuffled, tokenizer_fingerprint)
 
@@ -158,7 +159,7 @@ def write_corpus(tokens: np.ndarray, out_dir: PathLike, meta: CorpusMeta) -> Cor
     meta = dataclasses.replace(meta, num_tokens=int(tokens.size), dtype=dtype, format_version=FORMAT_VERSION,
                                source=[str(s) for s in meta.source], name=meta.name or Path(out_dir).name)
     with _atomic_corpus_dir(out_dir) as tmp:
-        tokens.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(tmp / TOKENS_FILE)
+        write_array(tokens.astype(np.dtype(dtype).newbyteorder("<"), copy=False), tmp / TOKENS_FILE)
         _write_meta(tmp, meta)
     return meta
 
@@ -205,7 +206,7 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: PathLike, out_dir: PathLi
                 ids = np.fromiter(chain.from_iterable(chain(e.ids, (eos,)) for e in encodings), dtype, count)
                 if max_tokens is not None:
                     ids = ids[:max_tokens - n]
-                ids.tofile(f)
+                write_array(ids, f)
                 n += len(ids)
                 bar.update(len(ids))
                 if max_tokens is not None and n >= max_tokens:

@@ -27,6 +27,10 @@ METRICS = "metrics.jsonl"
 _SUMS = ("nll", "nll_half", "correct", "kl", "teacher_nll", "count", "count_half")
 
 
+class EvaluationAbandoned(Exception):
+    """:func:`score` was told to stop between batches (a signal: the trainer checkpoints and redoes it later)."""
+
+
 def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], teacher_head, chunk_size) -> torch.Tensor:
     """[nll, nll over the second half, correct, kl, teacher nll, count, count of the second half] of one batch.
 
@@ -59,11 +63,13 @@ def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], tea
 
 @torch.no_grad()
 def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast: Optional[Callable] = None,
-          chunk_size: Optional[int] = None, rank: int = 0, world: int = 1) -> dict[str, float]:
+          chunk_size: Optional[int] = None, rank: int = 0, world: int = 1,
+          should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Loss, second-half loss, accuracy (and with a teacher: its loss and KL) over every target token.
 
     ``batches`` are global batches; each rank scores rows rank, rank+world, ... and the sums are added over ranks
-    (every rank makes the same number of forward calls, as FSDP's collectives need).
+    (every rank makes the same number of forward calls, as FSDP's collectives need). ``should_stop`` is asked
+    before each batch; when it says yes, :class:`EvaluationAbandoned` is raised (the result would be partial).
     """
     from selfreplay.train.distributed import reduce_sum
 
@@ -73,6 +79,8 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
     model.eval()
     try:
         for batch in batches:
+            if should_stop is not None and should_stop():
+                raise EvaluationAbandoned
             part = batch.rows(slice(rank, None, world)) if world > 1 else batch
             weight = 1.0
             if len(part) == 0:  # this rank's share of the last batch is empty: a weightless row
@@ -155,7 +163,7 @@ class MetricsLogger:
         kept = [] if keep_until_step is None else [r for r in read_metrics(run_dir)
                                                    if r.get("step", 0) <= keep_until_step]
         atomic_write(self.path, "".join(dumps(r) + "\n" for r in kept))
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = self.path.open("ab", buffering=0)  # unbuffered: a failed append leaves nothing to flush
         self._wandb = self._tb = None
         if wandb:
             try:
@@ -173,8 +181,9 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         try:
-            self._file.write(dumps(record) + "\n")
-            self._file.flush()
+            line = memoryview((dumps(record) + "\n").encode())
+            while line:  # a full disk: a short write, then ENOSPC
+                line = line[self._file.write(line):]
         except OSError as e:
             from selfreplay.train.files import disk_full
 

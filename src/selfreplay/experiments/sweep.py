@@ -35,12 +35,18 @@ run's prefixed by its upstream run's name and ``--``. Decisions:
 * A run is *finished* when its directory holds the weights and summary.json; it is skipped (after checking that
   its saved config still matches, so an edited YAML cannot silently reuse stale results). A run with a
   ``checkpoints/`` is *interrupted* and resumed. Anything else starts afresh.
-* Jobs run in ``spawn``-ed worker processes, each with ``threads`` torch/OMP threads (default 1: small models
-  are fastest that way, one per core). A job starts when its upstream run has finished; a failed job is
-  recorded, its dependents are skipped, the rest continue, and the sweep returns the failures. The trainer holds
-  an exclusive lock on its run directory, so two sweeps of one experiment never train a run twice (the second
-  records it as failed). Each run gets a fresh worker process: no compiled graphs or thread settings carry over.
-* ``--workers 1`` still uses one worker process; ``in_process=True`` (tests) trains in the calling process.
+* Jobs run in ``spawn``-ed processes (:mod:`selfreplay.experiments.workers`: a fresh one per run, so no
+  compiled graphs or thread settings carry over), ``workers`` at a time, each with ``threads`` torch/OMP threads
+  (default 1: small models are fastest that way, one per core). A job starts when its upstream run has
+  finished; a failed job (or one whose process died) is recorded, its dependents are skipped, the rest continue,
+  and the sweep returns the failures. The trainer holds an exclusive lock on its run directory, so two sweeps of
+  one experiment never train a run twice (the second records it as failed).
+* ``--workers 1`` still uses one job process; ``in_process=True`` (tests) trains in the calling process.
+* SIGINT (Ctrl-C) or SIGTERM: no new run starts, the running ones write a checkpoint and stop (SIGTERM is
+  forwarded to them), the results tables are written, and the sweep raises :class:`~selfreplay.train.loop.
+  Interrupted` ("run the same command again to continue"): exit 130 after SIGINT, 143 after SIGTERM (128 + the
+  signal, as ``pretrain`` / ``finetune``). Running it again resumes the stopped runs bit for bit. A second Ctrl-C
+  stops at once, without new checkpoints.
 * ``results.csv``: one row per run (stage, run, status, variant and grid values, the upstream run's values as
   ``from.<key>``, the full flattened config as ``cfg.<key>``, the final summary metrics);
   ``results_trajectories.csv``: every metrics.jsonl record of every run. Both written atomically.
@@ -55,7 +61,6 @@ import signal
 import sys
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -386,17 +391,6 @@ def check_finished_config(job: Job) -> None:
 
 
 # ---------------------------------------------------------------------------- running
-def _worker_init(threads: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
-    if sys.platform.startswith("linux"):  # a killed sweep takes its runs along (SIGTERM: they checkpoint first)
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _run_job(key: str, kind: str, overrides: dict, resume: bool) -> dict:
     """Worker entry point: train one run (the trainer locks its directory), output appended to <run_dir>/train.log."""
     from selfreplay.config import TrainConfig, load_config
@@ -419,34 +413,6 @@ def _run_job(key: str, kind: str, overrides: dict, resume: bool) -> dict:
             sys.stdout, sys.stderr = old_out, old_err
 
 
-class _InlineExecutor:
-    """``submit`` runs the job at once in this process (``in_process``: tests, debugging)."""
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except SelfReplayError as e:
-            future.set_exception(e)
-        return future
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def _executor(in_process: bool, workers: int, threads: int):
-    if in_process:
-        return _InlineExecutor()
-    import multiprocessing as mp
-
-    # a fresh process per run (max_tasks_per_child=1): no run inherits another's compiled graphs or threads
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                               initargs=(threads,), max_tasks_per_child=1)
-
-
 @dataclass
 class SweepResult:
     finished: list[str] = field(default_factory=list)
@@ -458,16 +424,20 @@ def run_sweep(exp: Experiment, workers: Optional[int] = None, threads: int = 1, 
               log: Callable[[str], None] = print, in_process: bool = False) -> SweepResult:
     """Run every unfinished job of ``exp`` (``only``: these stages), then write the results table.
 
-    ``in_process`` runs jobs one after another in this process (tests, debugging).
+    ``in_process`` runs jobs one after another in this process (tests, debugging). After SIGINT / SIGTERM the
+    running jobs checkpoint and stop, the table is written, and :class:`Interrupted` is raised.
     """
     from selfreplay.experiments.prepare import prepare_data
     from selfreplay.experiments.results import write_results
+    from selfreplay.experiments.workers import job_runner
+    from selfreplay.train.loop import Interrupted, SignalGuard
 
     prepare_data(exp.prepare, log)
     jobs = expand_jobs(exp)
     for j in jobs:  # fail fast on config errors before any training starts
         job_config(j)
     result = SweepResult()
+    jobs_by_key = {j.key: j for j in jobs}
     pending: dict[str, Job] = {}
     for j in jobs:
         status = job_status(j)
@@ -517,26 +487,57 @@ def run_sweep(exp: Experiment, workers: Optional[int] = None, threads: int = 1, 
 
     workers = 1 if in_process else workers or os.cpu_count() or 1
     running: dict = {}
-    with _executor(in_process, workers, threads) as pool:
+    stopped: list[tuple[str, int]] = []  # (run, signal) of the runs a signal stopped
+    guard = SignalGuard()  # the sweep's own SIGINT / SIGTERM (a second Ctrl-C raises KeyboardInterrupt)
+
+    def signalled() -> Optional[int]:
+        return guard.received or next((signum for _, signum in stopped), None)
+
+    with guard, job_runner(in_process, threads) as runner:
         while pending or running:
-            skip_blocked()
-            for j in [j for j in pending.values() if ready(j)][: workers - len(running)]:
-                del pending[j.key]
-                resume = job_status(j) == "interrupted"
-                log(f"[{time.time() - start:7.0f}s] start {j.key}" + (" (resuming)" if resume else ""))
-                running[pool.submit(_run_job, j.key, j.kind, j.overrides, resume)] = j.key
+            if signalled() is None:
+                skip_blocked()
+                for j in [j for j in pending.values() if ready(j)][: workers - len(running)]:
+                    del pending[j.key]
+                    resume = job_status(j) == "interrupted"
+                    log(f"[{time.time() - start:7.0f}s] start {j.key}" + (" (resuming)" if resume else ""))
+                    running[runner.submit(_run_job, j.key, j.kind, j.overrides, resume)] = j.key
             if not running:
                 break
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in finished:
+            if guard.received is not None:
+                runner.send_signal(signal.SIGTERM)  # each run once: it checkpoints at its next step boundary
+            for fut in [f for f in running if f.done()] or runner.wait(timeout=0.5):
                 key = running.pop(fut)
                 try:
                     finish(key, None, fut.result())
-                except Exception as e:  # a SelfReplayError, or a worker that died
+                except Interrupted as e:
+                    stopped.append((key, e.signum))
+                except Exception as e:  # a SelfReplayError, or a job process that died
                     finish(key, str(e).splitlines()[0] if str(e) else type(e).__name__, None)
-    for key in pending:  # never became ready
-        result.failed.setdefault(key, "upstream did not finish")
+    signum = signalled()
+    if signum is None:
+        for key in pending:  # never became ready
+            result.failed.setdefault(key, "upstream did not finish")
     write_results(exp, jobs)
+    if signum is not None:
+        raise _interrupted(signum, [jobs_by_key[key] for key, _ in stopped], result, log, time.time() - start)
     log(f"sweep {exp.name}: {len(result.finished)} run, {len(result.skipped)} already finished, "
         f"{len(result.failed)} failed; {time.time() - start:.0f}s; results in {exp.root / 'results.csv'}")
     return result
+
+
+def _interrupted(signum: int, stopped: list[Job], result: SweepResult, log: Callable[[str], None], elapsed: float):
+    """The one-line :class:`Interrupted` of a sweep a signal stopped (after logging each stopped run)."""
+    from selfreplay.train.loop import Interrupted
+
+    resumable = [j for j in stopped if job_status(j) == "interrupted"]
+    for j in stopped:
+        log(f"[{elapsed:7.0f}s] stopped {j.key}" + (" with a checkpoint" if j in resumable else
+                                                   " before its first checkpoint"))
+    parts = [f"{len(resumable)} run(s) stopped with a checkpoint"]
+    if len(stopped) > len(resumable):
+        parts.append(f"{len(stopped) - len(resumable)} before their first")
+    if result.failed:
+        parts.append(f"{len(result.failed)} failed")
+    return Interrupted(f"interrupted by {signal.Signals(signum).name}: {', '.join(parts)}; run the same command "
+                       f"again to continue", signum)

@@ -32,7 +32,8 @@ from selfreplay.models.core import CausalLM, Teacher
 from selfreplay.progress import progress
 from selfreplay.replay.prompts import Prompts
 from selfreplay.replay.sources import REPLAY_INFO, TOPK_INDICES, TOPK_VALUES, SelfGeneratedReplay
-from selfreplay.train.files import atomic_write, atomic_write_json, remove_stale_temporaries
+from selfreplay.train.files import (atomic_write, atomic_write_json, disk_full, remove_stale_temporaries,
+                                   write_array)
 from selfreplay.train.ownership import refuse_special, remove_if_only, remove_named, remove_tree
 
 JOB_FILE = "job.json"
@@ -63,6 +64,23 @@ def _save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write(path, buf.getvalue())
+
+
+def _write_npy(path: Path, parts: list[np.ndarray]) -> None:
+    """``parts`` joined along their first axis as one .npy file, written part by part (not through a memory map,
+    whose writes kill the process with SIGBUS on a full disk instead of raising ENOSPC)."""
+    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+    header = {"descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False, "shape": shape}
+    try:
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for p in parts:
+                write_array(np.ascontiguousarray(p), f)
+    except OSError as e:
+        if disk_full(e):
+            raise SelfReplayError(f"no space left on the device writing {path}; the sampled chunks are kept: free "
+                                  f"space and run the same command again to finish") from None
+        raise
 
 
 def _load_chunk(path: Path) -> dict[str, np.ndarray]:
@@ -192,15 +210,7 @@ def _assemble(out: Path, work: Path, settings: dict, num_chunks: int, fingerprin
     meta = write_corpus(tokens, staging, meta)
     if settings["logprobs_top_k"] is not None:
         for key, name in (("values", TOPK_VALUES), ("indices", TOPK_INDICES)):
-            first = chunks[0][key]
-            arr = np.lib.format.open_memmap(staging / name, mode="w+", dtype=first.dtype,
-                                            shape=(N, T, first.shape[-1]))
-            start = 0
-            for c in chunks:
-                arr[start:start + len(c[key])] = c[key]
-                start += len(c[key])
-            arr.flush()
-            del arr
+            _write_npy(staging / name, [c[key] for c in chunks])
     atomic_write_json(staging / REPLAY_INFO, {k: v for k, v in settings.items() if k != "vocab_size"})
     if out.exists():
         raise SelfReplayError(f"generate: {out} appeared while generating; not overwriting it (chunks kept in {work})")

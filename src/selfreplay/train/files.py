@@ -36,7 +36,21 @@ def _apply_umask(path: Path, directory: bool = False) -> None:
 
 
 def disk_full(e: BaseException) -> bool:
+    if type(e).__name__ == "SafetensorError":  # safetensors (and save_pretrained) report I/O errors as their own
+        return f"os error {errno.ENOSPC})" in str(e) or f"os error {errno.EDQUOT})" in str(e)
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_array(array, file) -> None:
+    """``array.tofile(file)`` (a path or an open binary file); numpy reports a short write, i.e. a full disk, as an
+    OSError without errno: it becomes ENOSPC, so that :func:`disk_full` and the one-line error see it."""
+    try:
+        array.tofile(file)
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        name = getattr(file, "name", file)
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({e})", str(name)) from None
 
 
 def _no_space(path: Path) -> SelfReplayError:

@@ -8,7 +8,8 @@ global token counts, so N ranks and any accumulation make the same update as one
 
 The step never waits for the device just to log: losses accumulate on the device and are read every
 ``PROGRESS_EVERY`` steps (progress, divergence check) and at evaluations. A SIGINT or SIGTERM is honoured at the
-next step boundary: a checkpoint is written there and the run exits non-zero, resumable bit for bit; a NaN or
+next step boundary, or (one process) at the next batch of a running evaluation, which is abandoned and redone on
+resume: a checkpoint of the step boundary is written and the run exits non-zero, resumable bit for bit. A NaN or
 infinite loss stops the run before anything is overwritten.
 """
 
@@ -27,7 +28,7 @@ import torch
 
 from selfreplay.config import TrainConfig, config_to_dict, config_to_yaml
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate.metrics import MetricsLogger, parameter_norms, score
+from selfreplay.evaluate.metrics import EvaluationAbandoned, MetricsLogger, parameter_norms, score
 from selfreplay.progress import progress
 from selfreplay.train import checkpoint as ckpt
 from selfreplay.train import distributed as dist
@@ -46,7 +47,11 @@ class Interrupted(SelfReplayError):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum
+
+    def __reduce__(self):  # it crosses from a sweep's worker process to the sweep
+        return type(self), (str(self), self.signum)
 
 
 class Diverged(SelfReplayError):
@@ -68,13 +73,16 @@ class TrainState:
     stop_reason: Optional[str] = None
     steps_since_eval: int = 0
     sums: dict = field(default_factory=dict)  # metrics summed since the last evaluation (floats when saved)
+    eval_pending: bool = False  # a signal cut this step's evaluation short: a resumed run does it first
 
 
 class SignalGuard:
-    """Turns SIGINT / SIGTERM into a flag the loop reads at step boundaries (a second Ctrl-C stops at once)."""
+    """Turns SIGINT / SIGTERM into a flag (the first signal received) read at step boundaries and between
+    evaluation batches; a second SIGINT (Ctrl-C) stops at once, whatever came between."""
 
     def __init__(self):
         self.received: Optional[int] = None
+        self._sigints = 0
         self._previous: dict = {}
 
     def __enter__(self) -> "SignalGuard":
@@ -84,9 +92,12 @@ class SignalGuard:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints > 1:
+                raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -194,9 +205,14 @@ class Trainer:
         return parts
 
     # ------------------------------------------------------------------------------------------ evaluation
+    def _signalled(self) -> bool:
+        """Whether a signal asks to abandon the running evaluation (one process only: ranks would disagree)."""
+        return self.world == 1 and self.guard.received is not None
+
     def _score(self, loader, teacher):
         return score(self.forward, loader.valid_batches(self.cfg.eval.batch_size, self.cfg.eval.max_tokens),
-                     teacher, self.device, self.autocast, self.chunk_size, self.rank, self.world)
+                     teacher, self.device, self.autocast, self.chunk_size, self.rank, self.world,
+                     should_stop=self._signalled)
 
     def evaluate(self) -> dict:
         """Held-out metrics of the new data (valid_*) and the old (prev_*, forgetting), drift, extra evaluators."""
@@ -217,6 +233,8 @@ class Trainer:
         if self.parts.evaluators:
             with torch.no_grad(), self.autocast():
                 for evaluate in self.parts.evaluators:
+                    if self._signalled():
+                        raise EvaluationAbandoned
                     out.update(evaluate(self.module))
         return out
 
@@ -265,8 +283,9 @@ class Trainer:
             if self.main else None
         record: dict = {}
         try:
-            if st.step == 0 and not self.resume:
+            if not self.resume:
                 st.next_checkpoint_tokens = cfg.checkpoint.every_tokens or 0
+            if not self.resume or st.eval_pending:  # the evaluation before training, or one a signal cut short
                 record = self._log_eval(logger)
             bar = progress(self.total_steps, f"{self.parts.info.get('kind', 'train')} {self.run_dir.name}", "step",
                            cfg.log.progress and self.main, st.step, cfg.log.progress_every_s)
@@ -323,8 +342,19 @@ class Trainer:
         if received is None:
             return
         self.state.train_time += self._elapsed(tick)
-        path = self.save_checkpoint()
+        self._stop_for(received)
+
+    def _stop_for(self, received: int) -> None:
+        """Write a checkpoint of this step boundary and raise :class:`Interrupted`.
+
+        Before the first step there is nothing to keep (starting again is the same run), and an optimizer without
+        state would be checkpointed as one that took a step (get_state_dict initialises it): no checkpoint then.
+        """
         name = signal.Signals(received).name
+        if self.state.step == 0 and not self.resume:
+            raise Interrupted(f"stopped by {name} before the first step; nothing to checkpoint: run the same command "
+                              f"again to start {self.run_dir} afresh", received)
+        path = self.save_checkpoint()
         raise Interrupted(f"stopped by {name} at step {self.state.step}; checkpoint {path} written; continue with: "
                           f"selfreplay {self.parts.info.get('kind', 'finetune')} --resume run_dir={self.run_dir}",
                           received)
@@ -379,13 +409,20 @@ class Trainer:
         source = self.penalty.source
         if source is not None:
             record["replay_sample_time"] = source.sample_seconds
-        record.update(self.evaluate())
+        before = st.prev_teacher_loss, _rng_state()
+        try:
+            record.update(self.evaluate())
+        except EvaluationAbandoned:  # a signal: checkpoint the state before this evaluation, which resuming redoes
+            st.prev_teacher_loss, rng = before
+            _set_rng_state(rng)
+            st.eval_pending = True
+            self._stop_for(self.guard.received)
         if not math.isfinite(record["valid_loss"]):
             self._finite &= False
             self._check_finite("evaluation")
         if logger is not None:
             logger.log(record)
-        st.sums, st.steps_since_eval = {}, 0
+        st.sums, st.steps_since_eval, st.eval_pending = {}, 0, False
         st.next_eval_tokens = st.tokens + (cfg.eval.every_tokens or 0)
         valid = record["valid_loss"]
         if valid < st.best_valid:
@@ -463,6 +500,18 @@ class Trainer:
             atomic_write_json(self.run_dir / SUMMARY, summary)
             ckpt.remove_checkpoints(self.run_dir)
         dist.barrier()
+
+
+def _rng_state() -> dict:
+    """The random generators' states (an abandoned evaluation puts back those from before it)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _first_difference(a, b, ignore=(), prefix="") -> Optional[str]:

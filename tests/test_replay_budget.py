@@ -1,4 +1,5 @@
-"""The forgetting budget: the update rule, its direction on every model kind and trainer, bad input."""
+"""The forgetting budget: its behaviour on a held start, a lagged student and an infeasible target, its direction on
+every model kind and trainer, bad input."""
 
 import json
 import math
@@ -12,39 +13,63 @@ from selfreplay.errors import SelfReplayError
 from selfreplay.evaluate.metrics import read_metrics
 from selfreplay.replay.budget import ForgettingBudget
 from selfreplay.train import train
-from selfreplay.train.optim import lr_factor
 
 
-@pytest.mark.parametrize("gain", [0.0, 1.0])
-def test_the_update_is_dual_ascent_on_log_c_from_a_bias_corrected_average_at_the_pace_of_the_lr(gain):
-    budget = ForgettingBudget(target=0.1, start=2.0, step=0.2, smoothing=0.9, coeff_min=0.5, coeff_max=100.0,
-                              gain=gain)
-    integral, average, released = math.log(2.0), 0.0, False
-    kls, lr_scales = [0.0, 0.3, 0.5, 0.05, 2.0, 0.1, 0.01], [0.2, 0.6, 1.0, 1.0, 0.7, 0.3, 0.0]
-    for t, (kl, lr_scale) in enumerate(zip(kls, lr_scales), start=1):
+def _lagged_plant(need: float, start: float = 10.0, target: float = 0.05, steps: int = 300, lag: float = 8.0):
+    """A student whose replay KL follows target · need / c with a lag of ``lag`` peak-LR steps, from 0 (the
+    teacher's weights), under a 4-step warmup: the KL ratio to the target after each update."""
+    budget, kl, ratios = ForgettingBudget(target, start), 0.0, []
+    for t in range(steps):
+        lr_scale = min(1.0, (t + 1) / 4)
+        coeff = float(budget.coeff)
         budget.update(torch.tensor(kl), lr_scale)
-        average = 0.9 * average + 0.1 * kl
-        smoothed = average / (1 - 0.9 ** t)
-        released = released or smoothed >= 0.1 or t > 1  # the first update's KL is at the teacher's weights: held
-        error = min(max(math.log(max(smoothed, 0.1 * 1e-6) / 0.1), -2.0), 0.05) if released else 0.0
-        integral = min(max(integral + 0.2 * lr_scale * error, math.log(0.5)), math.log(100.0))
-        log_c = min(max(integral + gain * error, math.log(0.5)), math.log(100.0))
-        assert float(budget.smoothed_kl) == pytest.approx(smoothed, rel=1e-6)  # the KL arrives as float32
-        assert float(budget.coeff) == pytest.approx(math.exp(log_c), rel=1e-6)
+        ratios.append(kl / target)
+        kl += lr_scale / lag * (target * need / coeff - kl)
+    return ratios
 
 
-def test_the_coefficient_holds_at_the_first_update_unless_the_kl_reaches_the_target_first():
-    quiet, loud = ForgettingBudget(0.1, 2.0), ForgettingBudget(0.1, 2.0)
-    quiet.update(torch.tensor(0.001))  # a student that has barely moved: the KL says nothing about c yet
-    loud.update(torch.tensor(0.5))
-    assert float(quiet.coeff) == pytest.approx(2.0) and float(loud.coeff) > 2.0
-    quiet.update(torch.tensor(0.001))  # released
-    assert float(quiet.coeff) < 2.0
+def test_a_kl_at_the_target_from_the_second_update_on_leaves_the_coefficient_alone():
+    budget = ForgettingBudget(target=0.05, start=10.0)
+    for kl in [0.0] + [0.05] * 50:  # the first update: the teacher's own weights
+        budget.update(torch.tensor(kl))
+    assert float(budget.coeff) == pytest.approx(10.0, rel=0.05)
+    assert float(budget.smoothed_kl) == pytest.approx(0.05, rel=1e-6)
+
+
+@pytest.mark.parametrize("need", [1.0, 3.0, 10.0])  # the start 10x too high, 3x too high, right
+def test_a_lagged_student_settles_at_the_target_without_overshooting(need):
+    ratios = _lagged_plant(need)
+    assert max(ratios[30:]) < 2.0  # after the first 10% of the steps
+    assert all(1 / 1.5 < r < 1.5 for r in ratios[-30:])
+
+
+def test_a_kl_that_stays_low_while_the_student_moves_lets_the_coefficient_fall_after_the_hold():
+    budget = ForgettingBudget(target=0.05, start=10.0, smoothing=0.9)  # the hold: 1 / (1 - 0.9) = 10 peak-LR steps
+    for _ in range(8):
+        budget.update(torch.tensor(0.001))
+    assert float(budget.coeff) == 10.0
+    for _ in range(12):  # a warmup at a tenth of the peak LR: 1.2 LR-weighted steps, not yet released
+        budget.update(torch.tensor(0.001), lr_scale=0.1)
+    assert float(budget.coeff) == 10.0
+    for _ in range(40):
+        budget.update(torch.tensor(0.001))
+    assert float(budget.coeff) < 5.0
+
+
+def test_the_coefficient_rises_over_the_target_at_once_and_resumes_from_its_state():
+    loud, quiet = ForgettingBudget(0.1, 2.0), ForgettingBudget(0.1, 2.0)
+    for budget, kl in ((loud, 0.5), (quiet, 0.001)):
+        budget.update(torch.tensor(5.0))  # the first update: held and left out of the average, whatever its value
+        assert float(budget.coeff) == 2.0
+        budget.update(torch.tensor(kl))
+    assert float(loud.coeff) > 2.0 and float(quiet.coeff) == 2.0  # over the target: no hold
+    assert float(loud.smoothed_kl) == pytest.approx(0.5)
     resumed = ForgettingBudget(0.1, 2.0)
-    resumed.load_state_dict(loud.state_dict())
-    resumed.update(torch.tensor(0.0))
-    loud.update(torch.tensor(0.0))
-    assert float(resumed.coeff) == float(loud.coeff)
+    resumed.load_state_dict(quiet.state_dict())
+    for budget in (resumed, quiet):
+        for _ in range(30):
+            budget.update(torch.tensor(0.001))
+    assert float(resumed.coeff) == float(quiet.coeff) < 2.0
 
 
 def test_a_checkpoint_from_before_the_integral_resumes_at_its_coefficient():
@@ -56,16 +81,28 @@ def test_a_checkpoint_from_before_the_integral_resumes_at_its_coefficient():
 
 def test_the_coefficient_rises_over_the_target_falls_under_it_and_stays_in_its_range():
     over, under = ForgettingBudget(0.01, 1.0), ForgettingBudget(0.01, 1.0)
-    for _ in range(10):
+    for _ in range(30):
         over.update(torch.tensor(0.5))
         under.update(torch.tensor(0.0001))
     assert float(over.coeff) > 1.0 > float(under.coeff)
     capped = ForgettingBudget(0.01, 1.0, step=100.0, coeff_max=3.0)
-    capped.update(torch.tensor(1.0))
+    with pytest.warns(UserWarning, match=r"replay.target_kl=0.01: .*replay.coeff_max=3 .* above the target"):
+        for _ in range(25):  # c is checked every 25 updates
+            capped.update(torch.tensor(1.0))
     assert float(capped.coeff) == pytest.approx(3.0)
     restored = ForgettingBudget(0.01, 1.0)
     restored.load_state_dict(over.state_dict())
     assert float(restored.coeff) == float(over.coeff) and float(restored.smoothed_kl) == float(over.smoothed_kl)
+
+
+def test_a_feasible_target_is_not_warned_about():
+    import warnings
+
+    budget = ForgettingBudget(0.05, 1.0, coeff_min=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(50):
+            budget.update(torch.tensor(0.05))
 
 
 def _coeffs(run_dir) -> list[float]:
@@ -76,7 +113,7 @@ def _coeffs(run_dir) -> list[float]:
 def test_a_built_in_gpt_budget_moves_the_coefficient_the_right_way(corpora, pretrained, tmp_path, target, direction):
     args = tiny_overrides(tmp_path / "run", corpora["es"], **{
         "model.model_name_or_path": pretrained, "replay.source": "self", "replay.target_kl": target,
-        "replay.coeff": 1.0, "stop.steps": 12, "eval.every_steps": 4})
+        "replay.coeff": 1.0, "replay.target_kl_smoothing": 0.5, "stop.steps": 12, "eval.every_steps": 4})
     train(load_config(TrainConfig, [], args), FINETUNE)
     records = read_metrics(tmp_path / "run")
     coeffs = _coeffs(tmp_path / "run")
@@ -86,13 +123,14 @@ def test_a_built_in_gpt_budget_moves_the_coefficient_the_right_way(corpora, pret
 
 
 def test_the_trainer_steps_the_coefficient_at_the_pace_of_its_learning_rate(corpora, pretrained, tmp_path):
-    # a target far above any KL: every released update is log c -= step · 2 · (that step's LR / peak LR)
-    args = tiny_overrides(tmp_path / "run", corpora["es"], **{
-        "model.model_name_or_path": pretrained, "replay.source": "self", "replay.target_kl": 10.0,
-        "replay.coeff": 1.0, "stop.steps": 10, "optim.warmup_tokens": 16 * 16 * 4, "optim.schedule": "cosine"})
-    summary = train(load_config(TrainConfig, [], args), FINETUNE)
-    scales = [lr_factor(s, 16 * 16, 16 * 16 * 4, "cosine", 10) for s in range(1, 10)]  # the first update holds
-    assert summary["replay_coeff"] == pytest.approx(math.exp(-0.2 * 2.0 * sum(scales)), rel=1e-5)
+    # a target far above any KL: c falls once released, the less the lower the LR (a warmup over the whole run)
+    ends = {}
+    for name, warmup in (("peak", 0), ("warmup", 16 * 16 * 30)):
+        args = tiny_overrides(tmp_path / name, corpora["es"], **{
+            "model.model_name_or_path": pretrained, "replay.source": "self", "replay.target_kl": 10.0,
+            "replay.coeff": 1.0, "replay.target_kl_smoothing": 0.5, "stop.steps": 30, "optim.warmup_tokens": warmup})
+        ends[name] = train(load_config(TrainConfig, [], args), FINETUNE)["replay_coeff"]
+    assert ends["peak"] < ends["warmup"] < 1.0
 
 
 @pytest.mark.parametrize("target,direction", [(1e-6, "up"), (10.0, "down")])
@@ -100,7 +138,8 @@ def test_a_hugging_face_budget_moves_the_coefficient_the_right_way(hf_files, tmp
     from test_train_distributed import hf_args
 
     train(load_config(TrainConfig, [], hf_args(hf_files, tmp_path / "run", **{
-        "replay.source": "self", "replay.target_kl": target, "replay.coeff": 1.0, "stop.steps": 6})), FINETUNE)
+        "replay.source": "self", "replay.target_kl": target, "replay.coeff": 1.0, "replay.target_kl_smoothing": 0.5,
+        "stop.steps": 6})), FINETUNE)
     coeffs = _coeffs(tmp_path / "run")
     assert coeffs[0] == 1.0 and ((coeffs[-1] > 1.0) if direction == "up" else (coeffs[-1] < 1.0))
 
@@ -112,6 +151,8 @@ def test_a_hugging_face_budget_moves_the_coefficient_the_right_way(hf_files, tmp
     ("replay.method=l2_init", ["replay.target_kl", "l2_init"]),
     ("replay.coeff=0", ["replay.coeff=0", "positive coefficient"]),
     ("replay.target_kl_gain=-1", ["replay.target_kl_gain=-1", "zero or positive"]),
+    ("replay.divergence=jsd", ["replay.target_kl", "replay.divergence=jsd", "forward KL"]),
+    ("replay.divergence=reverse_kl", ["replay.divergence=reverse_kl", "replay.divergence=forward_kl"]),
 ])
 def test_a_budget_that_cannot_work_is_one_line(corpora, pretrained, tmp_path, capsys, override, words):
     args = tiny_overrides(tmp_path / "run", corpora["es"], **{
@@ -128,10 +169,10 @@ def test_a_budget_that_cannot_work_is_one_line(corpora, pretrained, tmp_path, ca
 
 def test_the_budget_goes_with_the_run_record(corpora, pretrained, tmp_path):
     args = tiny_overrides(tmp_path / "run", corpora["es"], **{
-        "model.model_name_or_path": pretrained, "replay.source": "self", "replay.target_kl": 0.05,
+        "model.model_name_or_path": pretrained, "replay.source": "self", "replay.target_kl": 1e-4,
         "replay.coeff": 1.0, "stop.steps": 2})
     summary = train(load_config(TrainConfig, [], args), FINETUNE)
     assert summary["replay_coeff"] != 1.0 and "replay_kl_smoothed" in summary
     config = (tmp_path / "run" / "config.yaml").read_text()
-    assert "target_kl: 0.05" in config
+    assert "target_kl: 0.0001" in config
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["replay_coeff"] == summary["replay_coeff"]

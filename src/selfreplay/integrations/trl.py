@@ -99,7 +99,7 @@ class ReplaySettings:
                                       f"{self.replay_method} has none (use replay_method='kl')")
             check_budget(self.replay_target_kl, self.replay_coeff, self.replay_target_kl_step,
                          self.replay_target_kl_smoothing, self.replay_coeff_min, self.replay_coeff_max,
-                         self.replay_target_kl_gain, "replay_")
+                         self.replay_target_kl_gain, "replay_", divergence=self.replay_divergence)
         for name in ("replay_batch_size", "replay_buffer", "loss_chunk_size", "replay_ewc_sequences"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise SelfReplayError(f"{name}={getattr(self, name)!r}: expected a positive integer")
@@ -253,7 +253,7 @@ class _ReplayMixin:
 
             budget = ForgettingBudget(s.replay_target_kl, s.replay_coeff, s.replay_target_kl_step,
                                       s.replay_target_kl_smoothing, s.replay_coeff_min, s.replay_coeff_max,
-                                      self.args.device, s.replay_target_kl_gain)
+                                      self.args.device, s.replay_target_kl_gain, "replay_")
         self.penalty = ReplayPenalty(s.replay_method, s.replay_coeff, self.teacher, source=_LazySource(self),
                                      divergence=s.replay_divergence, chunk_size=s.loss_chunk_size, anchor=anchor,
                                      budget=budget)

@@ -4,37 +4,49 @@ Users think "learn the new data, lose at most this much of the old", not "coeffi
 ``replay.target_kl`` the coefficient c of ``loss = NTP + c · KL(teacher ‖ student on replay)`` is adapted after each
 optimizer step by dual ascent on log c, at the pace of the learning rate:
 
-    k̄  ← smoothing · k̄ + (1 - smoothing) · KL_step          (bias-corrected, as Adam's moments)
-    e  = clamp(log(k̄ / target), -2, 0.05)
+    k̄  ← smoothing · k̄ + (1 - smoothing) · KL_step          (bias-corrected, as Adam's moments; from update 2)
+    e  = clamp(log(k̄ / target), -0.25, 0.05)                  (e ≥ 0 until released, see below)
     I  ← clamp(I + step · (lr / peak lr) · e, log coeff_min, log coeff_max)    (I starts at log replay.coeff)
     log c = clamp(I + gain · e, log coeff_min, log coeff_max)  (gain 0, the default: plain dual ascent)
 
 so c shrinks while the smoothed replay KL is under the target and grows while it is over, multiplicatively
 (the KL of a converged run falls roughly as a power of c, so steps in log c are the same size at every scale).
-Why this shape (measured on the English -> Spanish finetunes, cosine LR):
+Why this shape:
 - the step follows the LR schedule: the student moves in proportion to the LR, so c moves little during the warmup
   and the final decay, when the KL cannot answer it, and most while the LR peaks;
-- c falls up to 40x faster than it rises: with a fixed c the replay KL runs up to 2x above its final value while
-  the LR is high (the new data pulls first, the penalty catches up), so a c that rose to hold the KL at the target
-  then would end at half the target (measured: 0.5-0.6x); falling fast from a high start (the paper's c = 10) finds
-  a large budget's c within the warmup, before a too-high c has cost any learning of the new data.
-The first update holds c (its KL is measured at the teacher's own weights: 0). The update stays on the device (no
-host sync); the state is part of checkpoints. The KL per token on replay sequences that the teacher itself generates
-estimates how much worse the model has become at the teacher's own distribution: a budget of 0.05 nats means the
-old data's loss may rise by about 0.05 nats per token.
+- start-up: a KL under the target says c is too high only once the student has had time to move. The first update
+  holds c and stays out of the average (its KL is measured at the teacher's own weights: 0), and c may rise but not
+  fall until it is *released*: when the smoothed KL first reaches half the target (the student answers) or after
+  as many LR-weighted steps (Σ lr / peak lr) as the average spans, 1 / (1 - smoothing) (the KL stayed low although
+  the student moved: c is indeed too high). Without the hold, the near-zero KL of the first steps drove c down at
+  once, and the KL then overshot (13x the target on a tiny finetune) while c climbed back for hundreds of steps;
+- c falls up to 5x faster than it rises: with a fixed c the replay KL runs up to 2x above its final value while the
+  LR is high (the new data pulls first, the penalty catches up), so a c that rose fast to hold the KL at the target
+  then would end under it; and the KL answers a change of c only after some steps, so a fall faster than that
+  (the earlier 40x) overshoots: c sinks far below the value that meets the target before the KL shows it.
+A c that sits at ``coeff_min`` / ``coeff_max`` while the KL pushes it further (an infeasible target) is warned about,
+once per bound.
+
+The update stays on the device (one host read every ``CHECK_EVERY`` updates, for that warning); the state is part
+of checkpoints. Only the forward KL(teacher ‖ student) is controlled (``replay.divergence=forward_kl``): the KL per
+token on replay sequences that the teacher itself generates estimates how much worse the model has become at the
+teacher's own distribution: a budget of 0.05 nats means the old data's loss may rise by about 0.05 nats per token.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from selfreplay.errors import SelfReplayError
 
-# one step at the peak LR moves log c up by at most step · 0.05 and down by at most step · 2 (see above)
-MAX_RISE, MAX_FALL = 0.05, 2.0
-STATE = ("integral", "log_coeff", "average", "updates")
+# one step at the peak LR moves log c up by at most step · 0.05 and down by at most step · 0.25 (see above)
+MAX_RISE, MAX_FALL = 0.05, 0.25
+RELEASE_FRACTION = 0.5  # falls are held until the smoothed KL reaches this fraction of the target (or see below)
+CHECK_EVERY = 25  # updates between host reads of the state (the warning at a bound)
+STATE = ("integral", "log_coeff", "average", "updates", "lr_steps", "released")
 
 
 class ForgettingBudget:
@@ -42,15 +54,26 @@ class ForgettingBudget:
 
     def __init__(self, target: float, start: float, step: float = 0.2, smoothing: float = 0.9,
                  coeff_min: float = 1e-3, coeff_max: float = 1e4, device: torch.device | str = "cpu",
-                 gain: float = 0.0):
-        check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain)
+                 gain: float = 0.0, prefix: str = "replay."):
+        check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain, prefix)
         self.target, self.step, self.smoothing, self.gain = float(target), float(step), float(smoothing), float(gain)
+        self.coeff_min, self.coeff_max, self.prefix = float(coeff_min), float(coeff_max), prefix
+        self.release_steps = 1.0 / (1.0 - self.smoothing)  # the average's span, in LR-weighted steps
         self.log_min, self.log_max = math.log(coeff_min), math.log(coeff_max)
         start = min(max(start, coeff_min), coeff_max)
-        self.integral = torch.tensor(math.log(start), dtype=torch.float64, device=device)
+
+        def scalar(value: float) -> torch.Tensor:
+            return torch.tensor(value, dtype=torch.float64, device=device)
+
+        self.integral = scalar(math.log(start))
         self.log_coeff = self.integral.clone()
-        self.average = torch.zeros((), dtype=torch.float64, device=device)  # EMA of the replay KL, biased to 0
-        self.updates = torch.zeros((), dtype=torch.float64, device=device)
+        self.average = scalar(0.0)  # EMA of the replay KL from the second update on, biased to 0
+        self.updates = scalar(0.0)
+        self.lr_steps = scalar(0.0)  # Σ lr / peak lr over the updates after the first
+        self.released = scalar(0.0)  # 1 once c may fall (see the module docstring)
+        self._pushed = scalar(0.0)  # the last update's error: its sign says where the KL pushes c
+        self._warned: set[str] = set()
+        self._host_updates = 0
 
     @property
     def coeff(self) -> torch.Tensor:
@@ -58,34 +81,59 @@ class ForgettingBudget:
 
     @property
     def smoothed_kl(self) -> torch.Tensor:
-        """The bias-corrected moving average of the replay KL (0 before the first update)."""
-        correction = 1.0 - self.smoothing ** self.updates
-        return torch.where(self.updates > 0, self.average / correction.clamp_min(1e-12), self.average)
+        """The bias-corrected moving average of the replay KL (0 until the second update)."""
+        averaged = (self.updates - 1).clamp_min(0.0)
+        correction = 1.0 - self.smoothing ** averaged
+        return torch.where(averaged > 0, self.average / correction.clamp_min(1e-12), self.average)
 
     def update(self, kl: torch.Tensor, lr_scale: float = 1.0) -> None:
         """One optimizer step's replay KL per token (averaged over ranks by the caller); ``lr_scale`` is that step's
         learning rate over the peak learning rate."""
         kl = kl.detach().to(self.average.device, torch.float64)
-        self.average = self.smoothing * self.average + (1.0 - self.smoothing) * kl
+        counted = (self.updates > 0).double()  # the first update's KL is at the teacher's weights: held, unaveraged
+        self.average = torch.lerp(self.average, self.smoothing * self.average + (1.0 - self.smoothing) * kl, counted)
+        self.lr_steps = self.lr_steps + float(lr_scale) * counted
         self.updates = self.updates + 1
         smoothed = self.smoothed_kl
-        released = (self.updates > 1) | (smoothed >= self.target)  # the first update's KL is at the teacher's weights
-        error = torch.log(smoothed.clamp_min(self.target * 1e-6) / self.target).clamp(
-            -MAX_FALL, MAX_RISE) * released.double()
+        answered = (smoothed >= RELEASE_FRACTION * self.target) | (self.lr_steps >= self.release_steps)
+        self.released = torch.maximum(self.released, answered.double() * counted)
+        error = torch.log(smoothed.clamp_min(self.target * 1e-6) / self.target).clamp(-MAX_FALL, MAX_RISE)
+        error = torch.where(self.released > 0, error, error.clamp_min(0.0)) * counted
         self.integral = (self.integral + self.step * float(lr_scale) * error).clamp(self.log_min, self.log_max)
         self.log_coeff = (self.integral + self.gain * error).clamp(self.log_min, self.log_max)
+        self._pushed = error
+        self._host_updates += 1
+        if self._host_updates % CHECK_EVERY == 0:
+            self.warn_at_bound()
+
+    def warn_at_bound(self) -> None:
+        """Warn (once per bound) when c sits at ``coeff_min`` / ``coeff_max`` and the KL pushes it further: the
+        target cannot be met within the bounds."""
+        log_c, pushed = float(self.log_coeff), float(self._pushed)
+        for name, bound, beyond in (("coeff_max", self.coeff_max, log_c >= self.log_max - 1e-9 and pushed > 0),
+                                    ("coeff_min", self.coeff_min, log_c <= self.log_min + 1e-9 and pushed < 0)):
+            if beyond and name not in self._warned:
+                self._warned.add(name)
+                side = "above" if name == "coeff_max" else "below"
+                warnings.warn(f"{self.prefix}target_kl={self.target:g}: the replay coefficient sits at "
+                              f"{self.prefix}{name}={bound:g} with the replay KL ({float(self.smoothed_kl):.3g}) still "
+                              f"{side} the target: it cannot be met within the bounds (widen {self.prefix}{name} or "
+                              f"change the target)", stacklevel=2)
 
     def state_dict(self) -> dict:
         return {name: float(getattr(self, name)) for name in STATE}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.log_coeff.device
-        state = {"integral": state["log_coeff"], **state}  # a checkpoint from before the integral was kept apart
+        updates = float(state["updates"])  # a checkpoint from before the start-up hold was released after update 1
+        state = {"integral": state["log_coeff"], "lr_steps": max(updates - 1, 0.0),
+                 "released": float(updates > 1), **state}  # ... and from before the integral was kept apart
         for name in STATE:
             setattr(self, name, torch.tensor(state[name], dtype=torch.float64, device=device))
 
 
-def check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain=0.0, prefix: str = "replay.") -> None:
+def check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain=0.0, prefix: str = "replay.",
+                 divergence: str = "forward_kl") -> None:
     """One-line errors for a budget that cannot work."""
     if target is None or not target > 0:
         raise SelfReplayError(f"{prefix}target_kl={target}: expected a positive number of nats per token")
@@ -100,3 +148,12 @@ def check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain=0.0,
         raise SelfReplayError(f"{prefix}target_kl_smoothing={smoothing}: expected a value in [0, 1)")
     if not 0 < coeff_min < coeff_max:
         raise SelfReplayError(f"{prefix}coeff_min={coeff_min} / coeff_max={coeff_max}: expected 0 < min < max")
+    check_controlled(divergence, prefix)
+
+
+def check_controlled(divergence: str, prefix: str = "replay.") -> None:
+    """A budget controls the forward KL(teacher ‖ student), the forgetting it names; refuse any other divergence."""
+    if divergence != "forward_kl":
+        raise SelfReplayError(f"{prefix}target_kl with {prefix}divergence={divergence}: a forgetting budget controls "
+                              f"the forward KL(teacher || student), the forgetting it names; use "
+                              f"{prefix}divergence=forward_kl or a fixed {prefix}coeff")

@@ -33,7 +33,7 @@ from selfreplay.data.batch import Batch, cat_rows
 from selfreplay.errors import SelfReplayError
 from selfreplay.models.core import Teacher
 from selfreplay.replay.anchor import WeightAnchor
-from selfreplay.replay.budget import ForgettingBudget
+from selfreplay.replay.budget import ForgettingBudget, check_controlled
 from selfreplay.replay.losses import DIVERGENCES, divergence_sum, ntp_sum
 from selfreplay.replay.sources import ReplayBatch
 
@@ -76,6 +76,8 @@ class ReplayPenalty:
         if budget is not None and method != "kl":
             raise SelfReplayError(f"replay.target_kl: a forgetting budget controls the replay KL; replay.method="
                                   f"{method} has none (use replay.method=kl)")
+        if budget is not None:
+            check_controlled(divergence, budget.prefix)
         self.method, self.teacher, self.source, self.anchor, self.budget = method, teacher, source, anchor, budget
         self._coeff = float(coeff)
         self.divergence, self.jsd_beta, self.chunk_size = divergence, jsd_beta, chunk_size

@@ -172,7 +172,7 @@ def _check_replay(cfg: TrainConfig, kind: str, command: str) -> None:
             raise SelfReplayError(f"replay.target_kl: a forgetting budget controls the replay KL; replay.method="
                                   f"{r.method} has none (use replay.method=kl)")
         check_budget(r.target_kl, r.coeff, r.target_kl_step, r.target_kl_smoothing, r.coeff_min, r.coeff_max,
-                     r.target_kl_gain)
+                     r.target_kl_gain, divergence=r.divergence)
     _positive("replay.ewc_sequences", r.ewc_sequences, allow_none=False)
     if r.method == "replace" and not 0.0 < r.fraction < 1.0:
         raise SelfReplayError(f"replay.fraction={r.fraction}: expected a fraction in (0, 1)")

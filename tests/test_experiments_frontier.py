@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from selfreplay.experiments.frontier import best_at, forgetting_at, frontier_points, line_new_loss_at
+from selfreplay.experiments.frontier import (_budget_lines, best_at, forgetting_at, frontier_points, line_new_loss_at,
+                                             ranking_lines, winners_at)
 from selfreplay.experiments.reports import experiment_plot, experiment_report
 from selfreplay.experiments.sweep import load_experiment, run_sweep
 from test_experiments_sweep import TINY_MODEL, write_yaml
@@ -22,6 +23,44 @@ def test_forgetting_at_a_target_is_read_on_each_trajectory_and_the_best_run_wins
     assert forgetting_at(slow, 5.5) is None
     best = best_at([fast, slow, careful], 5.5)
     assert best["plain"] == pytest.approx(1.5) and best["kl"] == pytest.approx(0.1 * 2.5 / 3)
+
+
+def _run(method, coeff, end_new, end_prev):
+    """A run of strength ``coeff`` going from (new 8.0, old 3.0) to (end_new, end_prev) in one evaluation."""
+    return {"method": method, "strength": f"coeff={coeff:g}", "value": coeff, "start": 3.0,
+            "traj": [{"valid_loss": 8.0, "prev_loss": 3.0}, {"valid_loss": end_new, "prev_loss": end_prev}]}
+
+
+def test_the_ranking_names_the_winning_strength_and_flags_grid_edge_winners():
+    inside = [_run("inside", 1, 5.0, 3.9), _run("inside", 3, 5.0, 3.3), _run("inside", 10, 5.0, 3.6)]
+    # the strongest coefficient that still reaches 5.5 wins: 30 never reaches it, the optimum may lie in between
+    strongest = [_run("strongest", 1, 5.0, 4.0), _run("strongest", 10, 5.0, 3.5), _run("strongest", 30, 6.0, 3.1)]
+    end = [_run("end", 1, 5.0, 4.0), _run("end", 3, 5.0, 3.8)]  # the grid's last value wins
+    wins = winners_at(inside + strongest + end, 5.5)
+    assert wins["inside"] == {"forgetting": pytest.approx(0.3 * 2.5 / 3), "strength": "coeff=3", "edge": False}
+    assert wins["strongest"]["strength"] == "coeff=10" and wins["strongest"]["edge"]
+    assert wins["end"]["strength"] == "coeff=3" and wins["end"]["edge"]
+    text = "\n".join(ranking_lines(inside + strongest + end, [5.5]))
+    assert "| inside | 0.250 (coeff=3) |" in text and "| strongest | 0.417 (coeff=10 ⚑) |" in text
+    assert "grid-edge winners (strongest, end)" in text
+    alone = "\n".join(ranking_lines(inside, [5.5]))
+    assert "⚑" not in alone and "no grid-edge winner" in alone
+    assert "| inside | — |" in "\n".join(ranking_lines(inside, [4.0]))
+
+
+def _budget_point(target, prev_kl, forgetting, new):
+    return {"method": "budget", "value": target, "target_kl": target, "prev_kl": prev_kl, "forgetting": forgetting,
+            "new": new, "coeff": 1.0}
+
+
+def test_the_budget_verdicts_follow_the_runs():
+    line = [{"method": "kl_fixed", "forgetting": 0.01, "new": 6.0}, {"method": "kl_fixed", "forgetting": 0.1, "new": 5.0}]
+    good = _budget_lines(line + [_budget_point(0.05, 0.06, 10 ** -1.5, 5.5)])  # on the line, 1.2x its target
+    assert "within ×1.5 of its target: yes" in good and "(or better than) the KL line: yes" in good
+    far = _budget_lines(line + [_budget_point(0.05, 0.2, 10 ** -1.5, 5.5)])  # 4x its target
+    assert "within ×1.5 of its target: NO" in far and "the KL line: yes" in far
+    worse = _budget_lines(line + [_budget_point(0.05, 0.05, 10 ** -1.5, 5.6)])  # 0.1 nats above the line
+    assert "within ×1.5 of its target: yes" in worse and "the KL line: NO" in worse
 
 
 def test_the_kl_line_is_interpolated_in_log_forgetting():
@@ -53,8 +92,8 @@ def test_tiny_frontier_sweep_report_and_plot(corpora, tmp_path):
     assert sorted({p["method"] for p in points}) == sorted(methods) and len(points) == 9
     text = experiment_report(str(exp.path), "cpu", tmp_path / "runs")
     assert "| plain | lr=0.001 |" in text and "| kl_fixed | coeff=30 |" in text
-    assert "| method | at 4.200 | at 4.000 |" in text
-    assert "forgetting budgets" in text and "within ×1.5 of its target" in text
+    assert "| method | at 4.200 | at 4.000 |" in text and "grid-edge winner" in text
+    assert "forgetting budgets" in text
     budget = next(p for p in points if p["method"] == "budget")
     assert budget["target_kl"] == 0.05 and budget["coeff"] != 3.0  # the coefficient adapted
     png = experiment_plot(str(exp.path), "cpu", tmp_path / "runs", tmp_path / "frontier.png")

@@ -5,7 +5,9 @@ the method's strength (coefficients, learning rates, LoRA ranks, fractions, budg
 (new-data loss, forgetting = old-data loss − the teacher's) at its end; a method is the line through its points.
 The report states, at a few new-data loss targets (``report.targets`` in the experiment file), each method's
 least forgetting among its runs that reach the target — read on each run's trajectory where it first reaches the
-target, interpolated between evaluations — best first. Budget runs (a ``budget`` stage over ``replay.target_kl``)
+target, interpolated between evaluations — best first, with the strength that won. A winner at an end of its grid, or
+next to a grid value whose run never reached the target, is flagged: the method's optimum may lie beyond it, where
+the grid has no run (extend the grid there). Budget runs (a ``budget`` stage over ``replay.target_kl``)
 are also compared with the fixed-coefficient KL line (a ``kl_fixed`` stage): the held-out old-data KL against
 the target, and the new-data loss against the line's at the same forgetting.
 """
@@ -61,13 +63,28 @@ def forgetting_at(point: dict, target: float) -> Optional[float]:
 
 def best_at(points: list[dict], target: float) -> dict[str, Optional[float]]:
     """Per method: the least forgetting among its runs reaching ``target``."""
-    best: dict[str, Optional[float]] = {}
-    for p in points:
-        f = forgetting_at(p, target)
-        best.setdefault(p["method"], None)
-        if f is not None and (best[p["method"]] is None or f < best[p["method"]]):
-            best[p["method"]] = f
-    return best
+    return {m: w["forgetting"] if w else None for m, w in winners_at(points, target).items()}
+
+
+def winners_at(points: list[dict], target: float) -> dict[str, Optional[dict]]:
+    """Per method: its run of least forgetting among those reaching ``target`` (None: none does) as ``forgetting``,
+    ``strength`` and ``edge``: whether the winner sits at an end of the method's grid or next to a grid value that
+    never reached the target (its optimum may then lie beyond the winner, where the grid has no run)."""
+    out: dict[str, Optional[dict]] = {}
+    for method in dict.fromkeys(p["method"] for p in points):
+        runs = [p for p in points if p["method"] == method]
+        reached = [(forgetting_at(p, target), i) for i, p in enumerate(runs)]
+        scored = [(f, i) for f, i in reached if f is not None]
+        if not scored:
+            out[method] = None
+            continue
+        forgetting, i = min(scored)
+        ordered = sorted(range(len(runs)), key=lambda j: (runs[j].get("value") is None, runs[j].get("value") or 0.0))
+        at = ordered.index(i)
+        neighbours = [ordered[k] for k in (at - 1, at + 1) if 0 <= k < len(ordered)]
+        edge = len(runs) > 1 and (len(neighbours) < 2 or any(reached[j][0] is None for j in neighbours))
+        out[method] = {"forgetting": forgetting, "strength": runs[i].get("strength"), "edge": edge}
+    return out
 
 
 def line_new_loss_at(line: list[dict], forgetting: float) -> Optional[float]:
@@ -100,17 +117,33 @@ def frontier_report(exp: Experiment) -> str:
                    for p in points])]
     targets = _targets(exp, points)
     if targets:
-        best = {t: best_at(points, t) for t in targets}
-        first = targets[0]
-        order = sorted(best[first], key=lambda m: (best[first][m] is None, best[first][m] or 0.0))
-        text += ["", f"least forgetting among each method's runs reaching a new-data loss (best first at "
-                     f"{fmt(first)}; — : no run reached it)",
-                 table(["method", *[f"at {fmt(t)}" for t in targets]], [[m, *[best[t][m] for t in targets]]
-                                                                       for m in order])]
+        text += ["", *ranking_lines(points, targets)]
     budget = _budget_lines(points)
     if budget:
         text += ["", budget]
     return "\n".join(text)
+
+
+def ranking_lines(points: list[dict], targets: list[float]) -> list[str]:
+    """The least forgetting per method at each new-data target, best first at the first, with the winning strength
+    and a flag (⚑) on grid-edge winners, and what the flags ask for."""
+    wins = {t: winners_at(points, t) for t in targets}
+    first = wins[targets[0]]
+    order = sorted(first, key=lambda m: (first[m] is None, first[m]["forgetting"] if first[m] else 0.0))
+
+    def cell(w: Optional[dict]) -> str:
+        return "—" if w is None else f"{fmt(w['forgetting'])} ({w['strength']}{' ⚑' if w['edge'] else ''})"
+
+    flagged = sorted({m for t in targets for m, w in wins[t].items() if w and w["edge"]}, key=order.index)
+    note = (f"⚑ grid-edge winners ({', '.join(flagged)}): the winning strength is at an end of its grid or next to a "
+            f"value that never reached the target; the method's optimum may lie beyond it: extend its grid there"
+            if flagged else "no grid-edge winner: every winning strength has runs on both sides that reached the "
+                             "target")
+    return [f"least forgetting among each method's runs reaching a new-data loss, and the strength that won (best "
+            f"first at {fmt(targets[0])}; — : no run reached it)",
+            table(["method", *[f"at {fmt(t)}" for t in targets]], [[m, *[cell(wins[t][m]) for t in targets]]
+                                                                  for m in order]),
+            note]
 
 
 def _budget_lines(points: list[dict]) -> str:

@@ -3,10 +3,17 @@
     l2_init (L2-SP):  Σ_i (θ_i − θ0_i)²
     ewc:              Σ_i F_i (θ_i − θ0_i)²,  F = the teacher's diagonal Fisher on replay sequences
 
-over the trainable parameters (with LoRA: the adapters, from their initialisation). Both are 0 at step 0. The
-Fisher is the mean over sequences of the squared gradient of each sequence's per-token mean NLL. On
+over the trainable parameters. Both are 0 at step 0. The Fisher is *per token*: the mean over sequences of the
+squared gradient of each sequence's summed NLL divided by its number of target tokens n, (∇ Σ_t NLL_t)² / n. On
 self-generated replay the sequences are samples of the teacher, so this is the *true* Fisher (a Monte Carlo
-estimate); on real old data it is the *empirical* Fisher. Under FSDP2 the anchor is sharded like the parameters.
+estimate), and as the scores of different positions are uncorrelated under the teacher's own samples, it is the
+mean over positions of the per-token Fisher, whatever the context length: one ``replay.coeff`` means the same at
+context 64 and 4096 (the gradient of the *mean* NLL, the earlier convention, gave the per-token Fisher / n). On real
+old data it is the *empirical* Fisher (the same scale). Under FSDP2 the anchor is sharded like the parameters.
+
+With LoRA the trainable parameters are the adapters, anchored at their initialisation: B starts at 0, so every
+``lora_A`` gets exactly zero Fisher and EWC anchors only the ``lora_B`` matrices (the update B·A stays small only
+through B); ``l2_init`` anchors both. Neither penalises the merged update B·A against the base weights' Fisher.
 """
 
 from __future__ import annotations
@@ -79,8 +86,8 @@ def _like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def diagonal_fisher(model: nn.Module, batches: Iterable[Batch], num_sequences: int,
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                     ) -> dict[str, torch.Tensor]:
-    """Mean over ``num_sequences`` rows of ``batches`` of the squared gradient of each row's per-token mean NLL,
-    for every trainable parameter of ``model`` (one backward per sequence; the model's gradients are left zero)."""
+    """Per-token Fisher: the mean over ``num_sequences`` rows of ``batches`` of (∇ Σ NLL)² / n for each row of n
+    target tokens, for every trainable parameter of ``model`` (one backward per sequence; gradients are left zero)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     seen = 0
@@ -98,8 +105,8 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Batch], num_sequences: i
                              mask=mask[row:row + 1]) / targets
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (name, _), g in zip(params.items(), grads):
-                if g is not None:
-                    fisher[name] += g.float().pow(2)
+                if g is not None:  # (∇ mean NLL)² · n = (∇ Σ NLL)² / n
+                    fisher[name] += g.float().pow(2) * targets.float()
             seen += 1
             if seen == num_sequences:
                 return {name: f / seen for name, f in fisher.items()}

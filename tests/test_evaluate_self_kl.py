@@ -65,6 +65,15 @@ def test_cli_ranks_plain_finetuning_above_kl_replay_and_the_teacher_at_zero(pret
     assert "bootstrap interval" in text
 
 
+def test_under_bf16_the_meter_scores_the_teacher_itself_at_zero(pretrained):
+    from selfreplay.evaluate.self_kl import self_kl_report
+
+    # bf16 autocast emulated on the CPU: the kept fp32 sampling logits against a bf16 forward read a floor of ~4e-5
+    (itself,) = self_kl_report([pretrained], 4, teacher=pretrained, batch_size=2, device="cpu", precision="bf16",
+                               show_progress=False)
+    assert itself["self_kl"] == 0.0 and itself["ci_high"] == 0.0
+
+
 def test_cli_self_on_a_hugging_face_model(hf_files, tmp_path, capsys):
     from test_train_distributed import hf_args
 

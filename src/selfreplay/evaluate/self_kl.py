@@ -21,9 +21,11 @@ from selfreplay.progress import progress
 
 
 def teacher_samples(teacher: Teacher, num_sequences: int, length: Optional[int], prompt: str = "bos",
-                    domains: Sequence[int] = (), batch_size: int = 8, seed: int = 0, tokenizer=None) -> list:
+                    domains: Sequence[int] = (), batch_size: int = 8, seed: int = 0, tokenizer=None,
+                    keep_targets: bool = True) -> list:
     """``num_sequences`` rows sampled from ``teacher`` at temperature 1 (ReplayBatches of ``batch_size``, with the
-    teacher's logits kept when they fit: they are the KL targets)."""
+    teacher's logits kept when ``keep_targets`` and they fit: they are the KL targets; else the teacher runs again
+    when the KL is scored)."""
     from selfreplay.replay.prompts import Prompts, tokenizer_prompt
     from selfreplay.replay.sources import SelfGeneratedReplay
 
@@ -43,7 +45,7 @@ def teacher_samples(teacher: Teacher, num_sequences: int, length: Optional[int],
         length = length or 512
     batches = math.ceil(num_sequences / batch_size)
     source = SelfGeneratedReplay(teacher, prompts, batch_size, length, buffer=batches, seed=seed,
-                                 keep_targets=module.kind == "gpt" or module.vocab_size < 32768)
+                                 keep_targets=keep_targets and (module.kind == "gpt" or module.vocab_size < 32768))
     return [source.next_batch() for _ in range(batches)]
 
 
@@ -82,18 +84,23 @@ def bootstrap_ratio(sums: np.ndarray, counts: np.ndarray, confidence: float = 0.
 def self_kl_report(models: Sequence[str], num_sequences: int, teacher: Optional[str] = None,
                    length: Optional[int] = None, prompt: str = "bos", domains: Sequence[int] = (),
                    batch_size: int = 8, seed: int = 0, device: str = "auto", dtype: str = "auto",
-                   confidence: float = 0.95, show_progress: bool = True) -> list[dict]:
+                   confidence: float = 0.95, show_progress: bool = True, precision: str = "auto") -> list[dict]:
     """One row per model: the data-free forgetting estimate (per-token KL on the teacher's samples) with its
-    bootstrap interval. Samples are drawn once per teacher (same seed: every model sees the same sequences)."""
+    bootstrap interval. Samples are drawn once per teacher (same seed: every model sees the same sequences).
+
+    The KL targets are those training uses: under bf16 autocast (``precision``; by default on CUDA) the teacher
+    runs again under the same autocast as the model (the kept fp32 sampling logits against a bf16 model would read
+    a KL floor, 4e-5, at model = teacher); in full precision the sampling logits are kept."""
     from selfreplay.evaluate.report import load_for_eval, teacher_of
     from selfreplay.models import hf_path
     from selfreplay.train.distributed import resolve_device
-    from selfreplay.train.optim import autocast_for
+    from selfreplay.train.optim import autocast_for, low_precision
 
     if num_sequences < 2:
         raise SelfReplayError(f"eval --self={num_sequences}: give at least 2 sequences (for the interval)")
     dev = resolve_device(device)
-    autocast = autocast_for(dev, "auto")
+    autocast = autocast_for(dev, precision)
+    keep_targets = not low_precision(dev, precision)
     samples: dict[str, tuple[Teacher, list]] = {}
     rows = []
     bar = progress(len(models) * num_sequences, "eval --self", "sequences", show_progress)
@@ -110,7 +117,7 @@ def self_kl_report(models: Sequence[str], num_sequences: int, teacher: Optional[
 
                 tokenizer = load_tokenizer(hf_path(teacher_name))
             samples[teacher_name] = t, teacher_samples(t, num_sequences, length, prompt, domains, batch_size, seed,
-                                                       tokenizer)
+                                                       tokenizer, keep_targets)
         t, batches = samples[teacher_name]
         if t.module.vocab_size != model.vocab_size:
             raise SelfReplayError(f"teacher {teacher_name} has vocabulary {t.module.vocab_size}, model {name} has "

@@ -23,9 +23,14 @@ def lr_factor(step: int, tokens_per_step: int, warmup_tokens: int, schedule: str
     return 1.0
 
 
+def low_precision(device: torch.device, precision: str) -> bool:
+    """Whether ``precision`` means bf16 autocast on ``device`` (the default on CUDA)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
     """bf16 autocast on CUDA by default (or with precision=bf16 anywhere), full precision otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if low_precision(device, precision):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 

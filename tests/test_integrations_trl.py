@@ -429,6 +429,7 @@ def test_asft_trains_with_the_dft_loss_whatever_arguments_it_is_given(tmp_path, 
 
     from selfreplay.integrations.trl import SelfReplaySFTTrainer
 
-    trainer = _trainer(SelfReplaySFTTrainer, _args(tmp_path, cls=TrainingArguments), dataset, replay_method="asft",
-                       replay_coeff=0.1)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    trainer = _trainer(SelfReplaySFTTrainer, args, dataset, replay_method="asft", replay_coeff=0.1)
     assert trainer.args.loss_type == "dft"

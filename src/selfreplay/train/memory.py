@@ -121,9 +121,11 @@ def gpt_shape(shape, keys: list) -> Shape:
 def hf_shape(cfg: TrainConfig) -> Optional[Shape]:
     """A Hugging Face model's, from its config (parameters counted on the meta device: nothing allocated); None
     when the config cannot be read (loading the model reports why)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from selfreplay.models import hf_path
+    from selfreplay.models.hf import require_hf, resolve_dtype
+
+    require_hf("transformers")
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     name = hf_path(cfg.model.model_name_or_path)
     try:
@@ -134,8 +136,6 @@ def hf_shape(cfg: TrainConfig) -> Optional[Shape]:
         params = sum(p.numel() for p in net.parameters())
     except Exception:  # noqa: BLE001 - any failure here is reported by the real load, with its own message
         return None
-    from selfreplay.models.hf import resolve_dtype
-
     dtype = resolve_dtype(cfg.model.dtype) or getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
     weight_bytes = dtype.itemsize if isinstance(dtype, torch.dtype) else 2  # unknown: the smallest common
     return _hf_dims(config, params, cfg.data.seq_len or 512, weight_bytes,
@@ -235,7 +235,7 @@ def estimate(cfg: TrainConfig, kind: str, command: str, shape: Shape, device: to
     if finetune and r.method in SOURCE_METHODS and _samples_itself(cfg, kind):
         replay_rows = replaced_rows(r.method, r.fraction, cfg.data.batch_size) or r.batch_size
         if r.method in REPLAY_ROW_METHODS and world > 1:
-            replay_rows //= world
+            replay_rows = max(1, replay_rows // world)
         length = r.length or (shape.context if gpt else cfg.data.seq_len or 512)
         buffer = -(-r.ewc_sequences // replay_rows) if r.method == "ewc" else r.buffer
         refill = buffer * replay_rows

@@ -189,3 +189,34 @@ def test_help_does_not_import_torch(argv):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "NO TORCH"
     assert "Usage:" in out.stdout
+
+
+def test_eval_self_refuses_a_domain_that_is_not_a_domain_token(workspace, capsys):
+    pre = str(workspace / "pre")
+    code, _, err = run(["eval", pre, "--teacher", pre, "--self", "4", "--domain", "42"], capsys)
+    assert code == 2 and err == "error: eval --domain=[42]: the built-in GPT's domain tokens are ids 0..9\n"
+    code, _, err = run(["generate", pre, "--out", str(workspace / "unused"), "--num-sequences", "4", "--domain", "42"],
+                       capsys)
+    assert code == 2 and err == "error: generate --domain=[42]: the built-in GPT's domain tokens are ids 0..9\n"
+
+
+@pytest.mark.parametrize("text", ["g", "g/samples.jsonl"])
+def test_generate_text_may_not_be_the_corpus_directory(workspace, tmp_path, capsys, text):
+    out = tmp_path / "g"
+    code, _, err = run(["generate", str(workspace / "pre"), "--out", str(out), "--num-sequences", "4", "--text",
+                        str(tmp_path / text)], capsys)
+    assert code == 2 and f"--text={tmp_path / text}: would be written into the corpus directory --out={out}" in err
+    assert list(tmp_path.iterdir()) == []  # refused before sampling: nothing written
+
+
+def test_resume_says_what_is_missing(tmp_path, capsys):
+    code, _, err = run(["pretrain", "--resume", f"run_dir={tmp_path / 'gone'}"], capsys)
+    assert code == 2 and err == f"error: --resume: run_dir {tmp_path / 'gone'}: not found (no such directory)\n"
+    (tmp_path / "run").mkdir()
+    code, _, err = run(["pretrain", "--resume", f"run_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and err.startswith(f"error: --resume: {tmp_path / 'run' / 'config.yaml'}: not found (the run's "
+                                        f"saved config); give the run's config files and overrides again")
+    code, _, err = run(["pretrain", "--resume", "run_dir="], capsys)
+    assert code == 2 and err == "error: --resume: give run_dir=<the interrupted run's directory>\n"
+    code, _, err = run(["pretrain", "run_dir=", "data.train=x", "stop.steps=1"], capsys)
+    assert code == 2 and err.startswith("error: override 'run_dir=': run_dir needs a value") and err.count("\n") == 1

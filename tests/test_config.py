@@ -1,5 +1,7 @@
 """The run configuration: defaults (per model kind), YAML and overrides, one-line errors, the cross-field checks."""
 
+import time
+
 import pytest
 
 from conftest import one_line_error
@@ -230,3 +232,59 @@ def test_describe_config_per_command():
     for key in ("stop.steps", "optim.lr", "data.train", "checkpoint.every_tokens", "eval.every_tokens"):
         assert f"{key}=" in pretrain and f"{key}=" in finetune, key
     assert "[replay]" not in pretrain and "[lora]" not in pretrain
+
+
+def _alias_bomb(levels: int = 6) -> str:
+    """A few hundred bytes that expand to 10^levels values: each level lists the previous one ten times."""
+    lines = ["bomb:", "  - &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text("replay:\n  domains: [0]\n" + _alias_bomb().replace("bomb:", "eval:\n  mcq:").replace(
+        "\n  - ", "\n    - "))
+    assert path.stat().st_size < 400
+    start = time.monotonic()
+    with pytest.raises(SelfReplayError) as e:
+        load_config(TrainConfig, [str(path)])
+    assert time.monotonic() - start < 1
+    one_line_error(e, f"config file {path}", "expands to over 1,000,000 values", "alias")
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("replay:\n  domains: &d [0, *d]\n")
+    with pytest.raises(SelfReplayError) as e:
+        load_config(TrainConfig, [str(path)])
+    one_line_error(e, "loop.yaml", "replay.domains", "alias to itself")
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("optim:\n  lr: 1.0e-3\n  beta1: 0.8\n  lr: 2.0e-3\n", "optim.lr", 4),
+    ("optim:\n  lr: 1.0e-3\nstop:\n  steps: 3\noptim:\n  beta1: 0.8\n", "optim", 5),
+    ("run_dir: a\nrun_dir: b\n", "run_dir", 2),
+], ids=["nested", "section", "scalar"])
+def test_a_duplicate_yaml_key_is_refused(tmp_path, text, key, line):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(SelfReplayError) as e:
+        load_config(TrainConfig, [str(path)])
+    assert str(e.value) == f"config file {path}: duplicate key '{key}' (line {line}); give each key once"
+
+
+def test_an_oversized_config_file_is_refused(tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("# padding\n" * 200_000 + "optim:\n  lr: 1.0e-3\n")
+    with pytest.raises(SelfReplayError) as e:
+        load_config(TrainConfig, [str(path)])
+    one_line_error(e, "huge.yaml", "larger than 1 MiB")
+
+
+def test_an_empty_override_of_a_required_key_is_one_clear_line():
+    with pytest.raises(SelfReplayError) as e:
+        load_config(TrainConfig, [], ["run_dir="])
+    assert str(e.value) == "override 'run_dir=': run_dir needs a value (an empty one means null, which run_dir " \
+                           "cannot be)"
+    assert load_config(TrainConfig, [], ["optim.lr="]).optim.lr is None  # optional keys may be emptied

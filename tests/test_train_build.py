@@ -90,3 +90,25 @@ def test_a_moved_corpus_is_recognised_by_its_identity(teacher_run, tmp_path):
     shutil.copytree(en, tmp_path / "en_copy")
     parts = _parts(root, es, **{"eval.prev": tmp_path / "en_copy", "replay.method": "none"})
     assert np.array_equal(parts.prev.valid_indices, _teacher_loader(en).valid_indices)
+
+
+@pytest.mark.parametrize("rows", [True, False], ids=["replay-corpus", "token-corpus"])
+def test_replay_in_another_tokenizer_of_the_same_vocabulary_is_refused(teacher_run, tmp_path, rows):
+    """replay.source=<corpus> is checked against the model's tokenizer as data.train is (the vocabulary size alone
+    does not tell two tokenizers apart)."""
+    from conftest import markov_tokens
+    from selfreplay.data.corpus import CorpusMeta, write_corpus
+
+    root, en, es = teacher_run
+    for name, fingerprint in (("same", "synthetic-v1"), ("other", "other-tokenizer")):
+        if rows:
+            meta = CorpusMeta(num_tokens=0, dtype="uint16", vocab_size=64, tokenizer_fingerprint=fingerprint,
+                              domain_token=None, eos_token=10, name=name)
+            write_corpus(markov_tokens(3, 32 * 16).reshape(32, 16), tmp_path / name, meta)
+        else:
+            make_corpus(tmp_path / name, seed=3, domain=0, n=2000, fingerprint=fingerprint)
+    parts = _parts(root, es, **{"replay.source": tmp_path / "same", "replay.batch_size": 4})
+    assert parts.penalty.next_replay().tokens.shape == (4, 16)
+    with pytest.raises(SelfReplayError) as e:
+        _parts(root, es, **{"replay.source": tmp_path / "other", "replay.batch_size": 4})
+    one_line_error(e, "replay.source", f"corpus {tmp_path / 'other'}", "other-tokenizer", "synthetic-v1")

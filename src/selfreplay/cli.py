@@ -6,6 +6,7 @@ are imported only by the command that runs, so ``--help`` is instant.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,21 @@ from selfreplay.errors import SelfReplayError
 CONFIG_HELP = "\b\nCONFIG: YAML files and key.sub=value overrides, applied in order. Keys and defaults:\n\n\b\n"
 THREADS = click.option("--threads", type=int, default=None,
                        help="CPU threads (default: 1 for small models, else torch's)")
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses NaN and infinity (click's FLOAT and FloatRange accept "nan")."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
 
 
 def _split_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -116,13 +132,19 @@ def _train_command(command: str):
 def _resume_config(files: list[str], overrides: list[str]) -> TrainConfig:
     """``--resume``: the interrupted run's saved config (found through run_dir), then the given overrides."""
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
-    if run_dir is None and not files:
+    if files:
+        return load_config(TrainConfig, files, overrides)
+    if not run_dir:
         raise SelfReplayError("--resume: give run_dir=<the interrupted run's directory>")
-    if run_dir is not None and not files and (Path(run_dir) / "config.yaml").is_file():
-        cfg = load_config(TrainConfig, [str(Path(run_dir) / "config.yaml")], overrides)
-        cfg.run_dir = run_dir  # the directory may have been moved or copied
-        return cfg
-    return load_config(TrainConfig, files, overrides)
+    saved = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise SelfReplayError(f"--resume: run_dir {run_dir}: not found (no such directory)")
+    if not saved.is_file():
+        raise SelfReplayError(f"--resume: {saved}: not found (the run's saved config); give the run's config files "
+                              f"and overrides again with --resume, or start afresh in a new run_dir")
+    cfg = load_config(TrainConfig, [str(saved)], overrides)
+    cfg.run_dir = run_dir  # the directory may have been moved or copied
+    return cfg
 
 
 def _fmt(v) -> str:
@@ -224,9 +246,9 @@ def eval_command(models, more_models, corpora, data_files, teacher, mcq_files, m
 @click.option("--prompt", type=click.Choice(["bos", "chat"]), default="bos", show_default=True,
               help="Hugging Face: prompt with BOS only (the paper's) or the chat template's prefix")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="sequences sampled at once")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--temperature", type=FINITE, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
-@click.option("--top-p", type=float, default=None, help="nucleus sampling threshold")
+@click.option("--top-p", type=FINITE, default=None, help="nucleus sampling threshold")
 @click.option("--stop-at-eos", is_flag=True, help="built-in GPT: end samples at EOS (padded, masked)")
 @click.option("--logprobs-top-k", type=int, default=None,
               help="also store the teacher's top-k log-probs per position (KL targets without a teacher pass)")
@@ -246,6 +268,9 @@ def generate(model, model_opt, out, num_sequences, length, domains, prompt, batc
     if not name:
         raise SelfReplayError("generate: give the MODEL to sample from (a run directory, a Hugging Face directory "
                               "or hub id)")
+    if text_out and Path(out).resolve() in (Path(text_out).resolve(), *Path(text_out).resolve().parents):
+        raise SelfReplayError(f"generate --text={text_out}: would be written into the corpus directory --out={out}; "
+                              f"write the decoded text elsewhere")
     _threads(threads)
     meta = generate_from(name, out, num_sequences, length, list(domains), prompt, batch_size, temperature,
                             top_k, top_p, stop_at_eos, logprobs_top_k, seed, dtype, device, not no_resume, text_out)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf import errors as oc_errors
 
 from selfreplay.errors import SelfReplayError
+from selfreplay.yamlfile import read_yaml
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 
@@ -295,20 +295,21 @@ def load_config(cls: type[C], files: list[str] | tuple[str, ...] = (), overrides
     if base:
         layers.append(("base", OmegaConf.create(base)))
     for path in files:
-        p = Path(path)
-        if not p.is_file():
+        if not Path(path).is_file():
             raise SelfReplayError(f"config file {path}: not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:  # yaml errors carry multi-line context
-            raise SelfReplayError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = read_yaml(path, "config file")
         if raw is not None and not isinstance(raw, dict):
             raise SelfReplayError(f"config file {path}: expected a mapping of keys at the top level, got a "
                                   f"{'list' if isinstance(raw, list) else 'scalar'}")
         layers.append((f"config file {path}", OmegaConf.create(raw or {})))
+    fields = config_keys(cls)
     for item in overrides:
         if "=" not in item:
             raise SelfReplayError(f"override {item!r}: expected key.sub=value")
+        key, value = item.split("=", 1)
+        if not value.strip() and key in fields and not str(fields[key].type).startswith("Optional"):
+            raise SelfReplayError(f"override {item!r}: {key} needs a value (an empty one means null, which {key} "
+                                  f"cannot be)")
         try:
             layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
         except Exception as e:

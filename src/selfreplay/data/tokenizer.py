@@ -23,6 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from selfreplay.errors import SelfReplayError
 
 N_RESERVED = 10
+# 4x the largest vocabularies in use (~256k); far above it the BPE trainer's tables outgrow memory and abort in Rust
+MAX_VOCAB = 2 ** 20
 EOS_TOKEN = "</s>"
 EOS_ID = N_RESERVED
 TEXT_FORMATS = (".txt", ".jsonl", ".parquet")
@@ -216,8 +218,9 @@ def train_tokenizer(files: Iterable[PathLike], out_path: PathLike, vocab_size: i
     if vocab_size < min_vocab:
         raise SelfReplayError(f"vocab_size={vocab_size}: must be at least {min_vocab} "
                               f"({N_RESERVED} domain tokens + EOS + 256 bytes + at least one merge)")
-    if vocab_size > 2**32:
-        raise SelfReplayError(f"vocab_size={vocab_size}: too large")
+    if vocab_size > MAX_VOCAB:
+        raise SelfReplayError(f"vocab_size={vocab_size}: at most {MAX_VOCAB:,} (2^20; the largest vocabularies in "
+                              f"use are ~256k)")
     readers = [iter_text(f, text_field, max_lines_per_file, shuffle_seed) for f in files]  # fail fast on bad paths
 
     def texts() -> Iterator[str]:

@@ -36,17 +36,32 @@ def teacher_samples(teacher: Teacher, num_sequences: int, length: Optional[int],
             if corpus.get("domain_token") is None:
                 raise SelfReplayError("eval --self: the teacher's run.json records no domain token; pass --domain")
             domains = [corpus["domain_token"]]
-        prompts = Prompts.domains(domains, module.vocab_size)
+        prompts = Prompts.domains(domains, module.vocab_size, "eval --domain")
         length = length or module.context
     else:
+        if domains:
+            raise SelfReplayError("eval --domain: applies to built-in GPT runs only (a Hugging Face teacher is "
+                                  "prompted by --prompt)")
         if tokenizer is None:
             raise SelfReplayError("eval --self: a Hugging Face teacher needs its tokenizer")
         prompts = Prompts([tokenizer_prompt(tokenizer, prompt)])
         length = length or 512
     batches = math.ceil(num_sequences / batch_size)
+    keep, cap = module.kind == "gpt" or module.vocab_size < 32768, 1 << 30
+    _check_sampling_memory(module, batches * batch_size, length, keep, cap, teacher.device, num_sequences)
     source = SelfGeneratedReplay(teacher, prompts, batch_size, length, buffer=batches, seed=seed,
-                                 keep_targets=keep_targets and (module.kind == "gpt" or module.vocab_size < 32768))
+                                 keep_targets=keep_targets and keep, max_targets_bytes=cap)
     return [source.next_batch() for _ in range(batches)]
+
+
+def _check_sampling_memory(module, rows: int, length: int, keep: bool, cap: int, device, num_sequences: int) -> None:
+    """All the sequences are sampled at once: refuse, before allocating, a number that cannot fit."""
+    from selfreplay.train.memory import Part, check_fits, model_shape, sampling_bytes
+
+    shape = model_shape(module)
+    kept = rows * length * shape.vocab * 4 if keep else 0
+    needed = sampling_bytes(shape, rows, length, kept if kept <= cap else 0, low=False)
+    check_fits([Part("the teacher's samples", needed, [("eval --self", num_sequences, 1)])], device, "sampling")
 
 
 @torch.no_grad()

@@ -65,7 +65,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
 
 from selfreplay.errors import SelfReplayError
 
@@ -201,11 +200,10 @@ def resolve_experiment_path(name_or_path: str, experiments_dir: str | Path = "ex
 def load_experiment(name_or_path: str, scale: str = "cpu", runs_dir: str | Path = "runs",
                     experiments_dir: str | Path = "experiments") -> Experiment:
     """Read an experiment YAML and apply the ``scale`` preset."""
+    from selfreplay.yamlfile import read_yaml
+
     path = resolve_experiment_path(name_or_path, experiments_dir)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SelfReplayError(f"experiment file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "experiment file")
     if not isinstance(raw, dict):
         raise SelfReplayError(f"experiment file {path}: expected a mapping at the top level")
     unknown = set(raw) - TOP_KEYS

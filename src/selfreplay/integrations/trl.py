@@ -80,6 +80,10 @@ class ReplaySettings:
 
     def check(self) -> "ReplaySettings":
         """Raise a one-line SelfReplayError naming the first bad option."""
+        for name in REPLAY_FIELDS:  # NaN and infinity pass every range check below
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SelfReplayError(f"{name}={value}: expected a finite number")
         if not isinstance(self.replay_coeff, (int, float)) or not self.replay_coeff >= 0:
             raise SelfReplayError(f"replay_coeff={self.replay_coeff!r}: expected a number >= 0")
         if self.replay_method not in REPLAY_METHODS:

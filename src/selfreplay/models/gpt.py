@@ -134,10 +134,16 @@ class Block(nn.Module):
         return x + self.mlp(rms_norm(x))
 
 
+MAX_LAYERS = 1024  # the deepest language models have ~100-200 blocks; a million takes hours to build one by one
+
+
 def check_model_config(cfg: GPTConfig) -> None:
     for name in ("d_model", "n_layers", "head_dim", "context", "vocab_size"):
         if getattr(cfg, name) <= 0:
             raise SelfReplayError(f"model.{name}={getattr(cfg, name)}: must be positive")
+    if cfg.n_layers > MAX_LAYERS:
+        raise SelfReplayError(f"model.n_layers={cfg.n_layers}: at most {MAX_LAYERS} (the deepest language models "
+                              f"have ~100-200 blocks)")
     if cfg.d_model % cfg.head_dim:
         raise SelfReplayError(f"model.d_model={cfg.d_model} is not a multiple of model.head_dim={cfg.head_dim}")
     if cfg.head_dim % 2:

@@ -134,7 +134,12 @@ class ForgettingBudget:
 
 def check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain=0.0, prefix: str = "replay.",
                  divergence: str = "forward_kl") -> None:
-    """One-line errors for a budget that cannot work."""
+    """One-line errors for a budget that cannot work (NaN and infinity included: they pass no range check)."""
+    values = {"target_kl": target, "coeff": start, "target_kl_step": step, "target_kl_smoothing": smoothing,
+              "coeff_min": coeff_min, "coeff_max": coeff_max, "target_kl_gain": gain}
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise SelfReplayError(f"{prefix}{name}={value}: expected a finite number")
     if target is None or not target > 0:
         raise SelfReplayError(f"{prefix}target_kl={target}: expected a positive number of nats per token")
     if not start > 0:

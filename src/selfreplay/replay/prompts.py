@@ -19,6 +19,19 @@ PROMPT_MODES = ("bos", "chat")
 _SENTINELS = ("\u2063USER\u2063", "\u2063REPLY\u2063", "\u2063NEXT\u2063")  # text no real conversation contains
 
 
+def check_domains(domains: Sequence[int], vocab_size: Optional[int] = None, option: str = "replay.domains") -> None:
+    """Domain tokens are the built-in GPT's reserved ids 0..9 (and inside its vocabulary)."""
+    from selfreplay.data.tokenizer import N_RESERVED
+
+    bad = [d for d in domains if d < 0 or (vocab_size is not None and d >= vocab_size)]
+    if bad:
+        raise SelfReplayError(f"{option}: token id {bad[0]} is outside the vocabulary"
+                              + ("" if vocab_size is None else f" 0..{vocab_size - 1}"))
+    bad = [d for d in domains if not 0 <= d < N_RESERVED]
+    if bad:
+        raise SelfReplayError(f"{option}={list(domains)}: the built-in GPT's domain tokens are ids 0..{N_RESERVED - 1}")
+
+
 @dataclass
 class Prompts:
     """Row g of a replay stream starts with ``rows[g % len(rows)]``: one-token domain prompts split the rows of
@@ -27,14 +40,13 @@ class Prompts:
     rows: list[list[int]]
 
     @classmethod
-    def domains(cls, domains: Sequence[int], vocab_size: Optional[int] = None) -> "Prompts":
+    def domains(cls, domains: Sequence[int], vocab_size: Optional[int] = None,
+                option: str = "replay.domains") -> "Prompts":
+        """One-token prompts of the built-in GPT's domain tokens (``option`` names the setting in errors)."""
         domains = [int(d) for d in domains]
         if not domains:
-            raise SelfReplayError("replay.domains: give at least one domain token id to prompt with")
-        bad = [d for d in domains if d < 0 or (vocab_size is not None and d >= vocab_size)]
-        if bad:
-            raise SelfReplayError(f"replay.domains: token id {bad[0]} is outside the vocabulary"
-                                  + ("" if vocab_size is None else f" 0..{vocab_size - 1}"))
+            raise SelfReplayError(f"{option}: give at least one domain token id to prompt with")
+        check_domains(domains, vocab_size, option)
         return cls([[d] for d in domains])
 
     @property

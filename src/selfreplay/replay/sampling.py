@@ -14,6 +14,7 @@ seed, the device and the decoding mode.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,9 +60,9 @@ def make_generator(seed: int, index: int, device) -> torch.Generator:
 
 def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float],
                         logprobs_top_k: Optional[int] = None) -> None:
-    """One-line errors for out-of-range sampling settings."""
-    if temperature is None or temperature < 0:
-        raise SelfReplayError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+    """One-line errors for out-of-range sampling settings (NaN and infinity included)."""
+    if temperature is None or not 0 <= temperature < math.inf:
+        raise SelfReplayError(f"temperature={temperature}: expected a finite number >= 0 (0 = greedy)")
     if top_k is not None and top_k < 1:
         raise SelfReplayError(f"top_k={top_k}: must be positive")
     if top_p is not None and not 0.0 < top_p <= 1.0:

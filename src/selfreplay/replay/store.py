@@ -241,7 +241,8 @@ def generate_from(name: str, out_dir, num_sequences: int, length: Optional[int] 
         eos = meta.eos_token if meta is not None else None
         if stop_at_eos and eos is None:
             raise SelfReplayError(f"generate --stop-at-eos: the training corpus of {name} records no EOS token")
-        prompts, fingerprint = Prompts.domains(domains, model.vocab_size), model.info.get("tokenizer_fingerprint", "")
+        prompts = Prompts.domains(domains, model.vocab_size, "generate --domain")
+        fingerprint = model.info.get("tokenizer_fingerprint", "")
         tokenizer_file, length = corpus.get("tokenizer") or (meta.tokenizer if meta else None), length or model.context
         pad_id, decode = 0, None
     else:

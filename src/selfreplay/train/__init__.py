@@ -36,9 +36,11 @@ def set_threads(cfg: TrainConfig, device, num_params: Optional[int] = None) -> i
 
 
 def prepare(cfg: TrainConfig, command: str) -> tuple[TrainConfig, str, "object"]:
-    """Defaults resolved per model kind, the config checked, the process group joined: (cfg, kind, dist info)."""
+    """Defaults resolved per model kind, the config checked (its memory estimated), the process group joined:
+    (cfg, kind, dist info)."""
     from selfreplay.train import checks
     from selfreplay.train.distributed import init_distributed
+    from selfreplay.train.memory import check_run_memory
 
     if command not in (PRETRAIN, FINETUNE):
         raise ValueError(f"command must be pretrain or finetune, not {command!r}")
@@ -46,6 +48,7 @@ def prepare(cfg: TrainConfig, command: str) -> tuple[TrainConfig, str, "object"]
     checks.resolve_defaults(cfg, kind, command)
     info = init_distributed(cfg.device)
     checks.validate(cfg, kind, command, info.world_size)
+    check_run_memory(cfg, kind, command, info.device, info.world_size)
     return cfg, kind, info
 
 

@@ -296,7 +296,13 @@ def _replay_from_path(cfg: TrainConfig, parts: Parts, path: str, rows: int):
         from selfreplay.data.corpus import Corpus
         from selfreplay.data.loader import CorpusLoader
 
-        corpus = Corpus.open(path, vocab_size=model.vocab_size)
+        # the built-in GPT's replay must be in the tokenizer of its training data (checked against the teacher's);
+        # a Hugging Face replay corpus records its model's path, which a moved or hub copy does not share
+        fingerprint = parts.info.get("tokenizer_fingerprint") if model.kind == "gpt" else None
+        try:
+            corpus = Corpus.open(path, vocab_size=model.vocab_size, tokenizer_fingerprint=fingerprint)
+        except SelfReplayError as e:
+            raise SelfReplayError(f"replay.source: {e}") from None
         if corpus.meta.sequence_length is not None:
             length = cfg.replay.length or (model.context if model.kind == "gpt" else None)
             use = str(cfg.replay.keep_targets).lower() == "true"  # stored top-k targets: a lower bound of the KL

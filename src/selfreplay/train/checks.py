@@ -6,7 +6,9 @@ built-in GPT (§4), its instruct-model settings for Hugging Face models (§5.9).
 
 from __future__ import annotations
 
-from selfreplay.config import FINETUNE, PRETRAIN, TrainConfig
+import math
+
+from selfreplay.config import FINETUNE, PRETRAIN, TrainConfig, config_keys
 from selfreplay.errors import SelfReplayError
 
 LENGTH_CRITERIA = ("tokens", "tokens_per_param", "epochs", "steps")
@@ -62,8 +64,25 @@ def _positive(name: str, value, allow_none: bool = True) -> None:
         raise SelfReplayError(f"{name}={value}: must be positive")
 
 
+def config_value(cfg, key: str):
+    """The value of a dotted key (``optim.lr``) of a config dataclass."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_finite(cfg: TrainConfig) -> None:
+    """NaN and infinity pass every range check (``nan <= 0`` is False): refuse them for every float key first."""
+    for key in config_keys(TrainConfig):
+        value = config_value(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SelfReplayError(f"{key}={value}: expected a finite number")
+
+
 def validate(cfg: TrainConfig, kind: str, command: str, world: int = 1) -> None:
     """Cross-field checks that the type system cannot express (after :func:`resolve_defaults`)."""
+    check_finite(cfg)
     if not cfg.run_dir:
         raise SelfReplayError("run_dir: no output directory given")
     if not cfg.data.train:
@@ -109,6 +128,10 @@ def validate(cfg: TrainConfig, kind: str, command: str, world: int = 1) -> None:
         raise SelfReplayError(f"lora.r={cfg.lora.r}: must be >= 0 (0 = full finetuning)")
     if cfg.lora.r > 0 and command != FINETUNE:
         raise SelfReplayError("lora.r > 0: adapters are for finetuning; use `selfreplay finetune`")
+    if cfg.lora.r > 0 and cfg.lora.alpha is not None and not cfg.lora.alpha > 0:
+        raise SelfReplayError(f"lora.alpha={cfg.lora.alpha}: must be positive (the adapters' scale alpha / r)")
+    if cfg.log.progress_every_s < 0:
+        raise SelfReplayError(f"log.progress_every_s={cfg.log.progress_every_s}: must be >= 0")
     if cfg.lora.r > 0 and not 0.0 <= cfg.lora.dropout < 1.0:
         raise SelfReplayError(f"lora.dropout={cfg.lora.dropout}: expected a probability in [0, 1)")
     if cfg.lora.r > 0 and (cfg.teacher.dtype or cfg.teacher.device):
@@ -128,7 +151,7 @@ def _check_stop(cfg: TrainConfig) -> None:
     if not given and all(getattr(stop, k) is None for k in ("target_loss", "max_time", "early_stop_evals")):
         raise SelfReplayError("stop: no stop criterion; set one of stop.tokens / tokens_per_param / epochs / steps / "
                               "target_loss / max_time / early_stop_evals")
-    for k in LENGTH_CRITERIA + ("max_time", "early_stop_evals"):
+    for k in LENGTH_CRITERIA + ("max_time", "early_stop_evals", "target_loss"):  # a loss is never <= 0
         _positive(f"stop.{k}", getattr(stop, k))
     if cfg.optim.schedule == "cosine" and not given:
         raise SelfReplayError("optim.schedule=cosine needs a length criterion (stop.tokens / tokens_per_param / "
@@ -145,8 +168,9 @@ def _check_optim(cfg: TrainConfig) -> None:
     for name, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
         if not 0.0 <= value < 1.0:
             raise SelfReplayError(f"{name}={value}: expected a value in [0, 1)")
-    if o.weight_decay < 0 or o.momentum < 0 or o.warmup_tokens < 0:
-        raise SelfReplayError("optim.weight_decay / momentum / warmup_tokens: must be >= 0")
+    for name in ("weight_decay", "momentum", "warmup_tokens"):
+        if getattr(o, name) < 0:
+            raise SelfReplayError(f"optim.{name}={getattr(o, name)}: must be >= 0")
     _positive("optim.grad_clip", o.grad_clip)
 
 
@@ -191,8 +215,10 @@ def _check_replay(cfg: TrainConfig, kind: str, command: str) -> None:
     if kind == "hf" and (r.domains or r.stop_at_eos):
         raise SelfReplayError("replay.domains / replay.stop_at_eos: built-in GPT options; a Hugging Face model's "
                               "replay is prompted by replay.prompt and ignores EOS")
-    if kind == "gpt" and any(not 0 <= d < 10 for d in r.domains):
-        raise SelfReplayError(f"replay.domains={list(r.domains)}: the built-in GPT's domain tokens are ids 0..9")
+    if kind == "gpt":
+        from selfreplay.replay.prompts import check_domains
+
+        check_domains(list(r.domains))
     if kind == "gpt" and r.prompt != "bos":
         raise SelfReplayError("replay.prompt=chat: needs a Hugging Face model with a chat template (the built-in "
                               "GPT is prompted by replay.domains)")

@@ -363,8 +363,12 @@ def test_ctrl_c_then_sigterm_stop_the_sweep_with_checkpoints_and_a_rerun_resumes
               "pretrain")
 
     def metrics_inode() -> int:
+        """The inode of the run's metrics.jsonl once it holds a record (the step-0 evaluation is over), else 0."""
         path = first.run_dir / "metrics.jsonl"
-        return path.stat().st_ino if path.exists() else 0
+        try:
+            return path.stat().st_ino if path.read_text().strip() else 0
+        except FileNotFoundError:
+            return 0
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         before = metrics_inode()
@@ -372,7 +376,7 @@ def test_ctrl_c_then_sigterm_stop_the_sweep_with_checkpoints_and_a_rerun_resumes
                                   str(tmp_path / "runs"), "--workers", "1"], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
         with deadline(120, "the run never started training"):
-            while metrics_inode() in (0, before):  # the trainer (re)writes metrics.jsonl once it takes signals
+            while metrics_inode() in (0, before):  # the trainer has (re)written metrics.jsonl: it is in its loop
                 assert sweep.poll() is None, sweep.communicate()
                 time.sleep(0.05)
         if sig == signal.SIGINT:

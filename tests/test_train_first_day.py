@@ -167,3 +167,31 @@ def test_a_name_that_can_only_be_a_local_path_is_refused_at_once(corpora, pretra
                                                                **{key: value})), FINETUNE)
         one_line_error(e, *words)
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_the_live_loss_and_the_training_records_go_on_across_a_resume(corpora, tmp_path, capsys):
+    """Interrupted at step 7 and resumed: the training records equal an uninterrupted run's (the window of steps
+    6..10 spans the interruption), and the resumed run shows its loss from its first step."""
+    import os
+    import signal
+
+    from selfreplay.train.loop import Interrupted
+
+    extra = {"stop.steps": 12, "log.every_steps": 5}
+    _pretrain(tmp_path / "ref", corpora, **extra)
+
+    def interrupt(step):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    args = tiny_overrides(tmp_path / "run", corpora["en"], **{"optim.warmup_tokens": "null", **extra})
+    with pytest.raises(Interrupted):
+        train(load_config(TrainConfig, [], args), PRETRAIN, on_step=interrupt)
+    capsys.readouterr()
+    resumed = args + ["log.progress=true", "log.progress_every_s=0"]
+    train(load_config(TrainConfig, [], resumed), PRETRAIN, resume=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pretrain run: ")]
+    assert lines[0].startswith("pretrain run: 8/12 step, loss="), lines[:2]
+    ref, run = _train_records(tmp_path / "ref"), _train_records(tmp_path / "run")
+    assert [r["step"] for r in run] == [r["step"] for r in ref] == [5, 10, 12]
+    assert [r["train_loss"] for r in run] == pytest.approx([r["train_loss"] for r in ref], rel=1e-6)

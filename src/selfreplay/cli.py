@@ -61,7 +61,7 @@ def tokenizer_train(inputs, out, vocab_size, max_lines, shuffle_seed, text_field
 
     tok = train_tokenizer(list(inputs), out, vocab_size=vocab_size, max_lines_per_file=max_lines,
                           shuffle_seed=shuffle_seed, text_field=text_field, progress=sys.stderr.isatty(),
-                          echo=None if sys.stderr.isatty() else lambda line: click.echo(line, err=True))
+                          echo=None if sys.stderr.isatty() else click.echo)
     click.echo(f"wrote {out} (vocab {tok.get_vocab_size()})")
 
 

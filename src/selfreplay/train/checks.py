@@ -75,7 +75,6 @@ def validate(cfg: TrainConfig, kind: str, command: str, world: int = 1) -> None:
     if command == PRETRAIN and cfg.model.model_name_or_path:
         raise SelfReplayError("model.model_name_or_path: pretraining builds a fresh built-in GPT; use `selfreplay "
                               "finetune` to train an existing model")
-    _check_paths(cfg)
     _check_stop(cfg)
     _check_optim(cfg)
     _check_replay(cfg, kind, command)
@@ -117,6 +116,7 @@ def validate(cfg: TrainConfig, kind: str, command: str, world: int = 1) -> None:
                               "(adapters disabled); leave them unset")
     if kind == "gpt" and (cfg.eval.mcq or cfg.data.packing == "examples"):
         raise SelfReplayError("eval.mcq / data.packing=examples: need a Hugging Face model and its tokenizer")
+    _check_paths(cfg)  # last: a config error is news even while a path is still to be created
 
 
 REPLAY_SOURCES = ("auto", "prev", "self")
@@ -141,7 +141,7 @@ def _check_paths(cfg: TrainConfig) -> None:
                                   f"(did you mean {close[0]}?)")
     for key, value in named:
         if value and not Path(str(value)).expanduser().exists() and looks_local(str(value)):
-            raise SelfReplayError(f"{key}={value}: no such file or directory")
+            raise SelfReplayError(f"{key}={value}: not found (no such file or directory)")
     if cfg.checkpoint.push_to_hub:
         from selfreplay.integrations.hub import check_hub
 

@@ -16,7 +16,6 @@ infinite loss stops the run before anything is overwritten.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import signal
 import threading
@@ -36,14 +35,12 @@ from selfreplay.train import distributed as dist
 from selfreplay.train.build import Parts, chunk_size_for, total_steps
 from selfreplay.train.files import RunLock, atomic_write, atomic_write_json
 from selfreplay.train.ownership import claim_run_dir
+from selfreplay.train.records import keep_if_best, log_training_window, promote_best, warn_schedule
 from selfreplay.train.optim import autocast_for, compile_on, lr_factor, make_optimizer, warmup_tokens_for
-
-log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 25
 EARLY_LIVE_LOSS = (1, 2, 4, 8, 16)  # steps after a (re)start at which the live loss is shown before a full window
-MIN_LR_SUM = 1e-4  # AdamW moves a weight by at most about lr per step: less in total leaves the model as it was
-CONFIG, RUN_INFO, SUMMARY, BEST = "config.yaml", "run.json", "summary.json", "best"
+CONFIG, RUN_INFO, SUMMARY = "config.yaml", "run.json", "summary.json"
 RESUME_IGNORES = ("log", "stop", "eval", "checkpoint", "distributed", "run_dir", "threads")
 
 
@@ -150,6 +147,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.tokens_per_step, self.warmup_tokens, cfg.optim.schedule, self.total_steps))
         self.last_lr = 0.0
+        self.window_start = (0.0, 0)  # (training clock, step) where the current log window began
         self.state = TrainState()
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.guard = SignalGuard()
@@ -294,7 +292,7 @@ class Trainer:
             tick = time.perf_counter()
             start_step = st.step
             clock = lambda: st.train_time + (time.perf_counter() - tick)  # noqa: E731 (training time, evals excluded)
-            self._window_start = (clock(), st.step)
+            self.window_start = (clock(), st.step)
             while st.stop_reason is None:
                 self._honour_signal(tick)
                 parts = self.train_step()
@@ -310,9 +308,9 @@ class Trainer:
                 if st.step % PROGRESS_EVERY == 0:
                     self._check_finite("training")
                 if st.step % (cfg.log.every_steps or PROGRESS_EVERY) == 0:
-                    self._log_train(logger, bar, clock)
+                    log_training_window(self, logger, bar, clock)
                 elif st.step - start_step in EARLY_LIVE_LOSS:
-                    self._log_train(logger, bar, clock, peek=True)
+                    log_training_window(self, logger, bar, clock, peek=True)
                 bar.update(1)
                 st.stop_reason = self._length_or_time_stop(time.perf_counter() - tick)
                 if self._eval_due() or st.stop_reason is not None:
@@ -324,7 +322,7 @@ class Trainer:
                     self.save_checkpoint()
                     tick = time.perf_counter()
             if st.steps_since_log:  # the last, partial window: the live loss ends on the run's last steps
-                self._log_train(logger, bar, clock)
+                log_training_window(self, logger, bar, clock)
             bar.close()
         finally:
             if logger is not None:
@@ -339,47 +337,9 @@ class Trainer:
             summary.update(best_metric=self.cfg.checkpoint.best_metric, best_metric_value=st.best_metric,
                            best_step=st.best_step)
         if self.main:
-            self._warn_schedule()
+            warn_schedule(self)
         self._save_final(summary)
         return summary
-
-    def _log_train(self, logger, bar, clock: Callable[[], float], peek: bool = False) -> None:
-        """The means over the steps since the last record: the live loss of the progress display and (every
-        log.every_steps steps, and at the end) a training record in metrics.jsonl, TensorBoard and wandb.
-        ``peek``: only the live loss, the window goes on."""
-        st = self.state
-        keys = sorted(st.log_sums)
-        values = dist.reduce_sum(torch.stack([torch.as_tensor(st.log_sums[k], device=self.device).float()
-                                              for k in keys])).tolist()
-        means = {f"train_{k}": v / st.steps_since_log for k, v in zip(keys, values)}
-        bar.set_postfix(loss=f"{means['train_loss']:.3f}", refresh=False)
-        if peek:
-            return
-        now, (start, start_step) = clock(), self._window_start
-        if logger is not None and self.cfg.log.every_steps:
-            record = {"event": "train", "step": st.step, "tokens": st.tokens, "epoch": self.data.epochs_done,
-                      "lr": self.last_lr, "replay_coeff": float(self.penalty.coeff), **means,
-                      "tokens_per_s": (st.step - start_step) * self.tokens_per_step / (now - start)
-                      if now > start and st.step > start_step else None}
-            if self.penalty.budget is not None:
-                record["replay_kl_smoothed"] = float(self.penalty.budget.smoothed_kl)
-            logger.log(record)
-        st.log_sums, st.steps_since_log = {}, 0
-        self._window_start = (now, st.step)
-
-    def _warn_schedule(self) -> None:
-        """One line when the run could not have moved its weights: it ended inside its warmup, or its learning
-        rates add up to too little for AdamW (whose update moves a weight by about the LR per step)."""
-        st, o = self.state, self.cfg.optim
-        warmup_steps = math.ceil(self.warmup_tokens / self.tokens_per_step)
-        if st.step and st.step < warmup_steps:
-            log.warning("warning: the run ended inside its warmup (step %d of %d warmup steps): its last learning "
-                        "rate was %.3g, not optim.lr=%g; set a shorter optim.warmup_steps / warmup_ratio / "
-                        "warmup_tokens", st.step, warmup_steps, self.last_lr, o.lr)
-        elif st.step and o.name == "adamw" and st.lr_sum < MIN_LR_SUM:
-            log.warning("warning: the learning rates of the run's %d steps add up to %.3g: AdamW moved each weight by "
-                        "at most about that much, too little to change the model; raise optim.lr or train longer",
-                        st.step, st.lr_sum)
 
     def _finished(self) -> bool:
         return (self.run_dir / SUMMARY).is_file()
@@ -475,7 +435,7 @@ class Trainer:
         if logger is not None:
             logger.log(record)
         if cfg.checkpoint.best_metric:
-            self._keep_if_best(record)
+            keep_if_best(self, record)
         st.sums, st.steps_since_eval, st.eval_pending = {}, 0, False
         st.next_eval_tokens = st.tokens + (cfg.eval.every_tokens or 0)
         valid = record["valid_loss"]
@@ -489,28 +449,6 @@ class Trainer:
             elif cfg.stop.early_stop_evals is not None and st.evals_since_best > cfg.stop.early_stop_evals:
                 st.stop_reason = "early_stop"
         return record
-
-    def _keep_if_best(self, record: dict) -> None:
-        """checkpoint.best_metric: the weights of the best evaluation so far into ``best/`` (the model before
-        training is not a candidate, as with HF Trainer's load_best_model_at_end)."""
-        c, st = self.cfg.checkpoint, self.state
-        value = record.get(c.best_metric)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            logged = ", ".join(sorted(k for k, v in record.items() if isinstance(v, float)))
-            raise SelfReplayError(f"checkpoint.best_metric={c.best_metric!r}: not a metric of this run's evaluations "
-                                  f"({logged})")
-        if st.step == 0 or not math.isfinite(value):
-            return
-        greater = c.greater_is_better if c.greater_is_better is not None else c.best_metric.endswith("accuracy")
-        if st.best_metric is not None and not (value > st.best_metric if greater else value < st.best_metric):
-            return
-        from selfreplay.models import save_model
-
-        if self.main:
-            (self.run_dir / BEST).mkdir(exist_ok=True)
-        save_model(self.model, self.module, self.run_dir / BEST, self.parts.tokenizer, c.merge_lora,
-                   dict(self.parts.info), keep_training=True)
-        st.best_metric, st.best_step = float(value), st.step
 
     # ------------------------------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Optional[Path]:
@@ -575,10 +513,7 @@ class Trainer:
         if self.state.best_step is not None:  # the best evaluation's weights are the saved model
             info["best_step"] = self.state.best_step
             if self.main:
-                for name in ("model.safetensors", "model"):
-                    if (self.run_dir / BEST / name).exists():
-                        (self.run_dir / BEST / name).replace(self.run_dir / name)
-                (self.run_dir / BEST).rmdir()
+                promote_best(self.run_dir)
         else:
             save_model(self.model, self.module, self.run_dir, self.parts.tokenizer, self.cfg.checkpoint.merge_lora,
                        info)

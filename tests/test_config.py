@@ -26,7 +26,12 @@ def test_defaults_reproduce_the_paper():
     cfg = TrainConfig()
     m, o = cfg.model, cfg.optim
     assert (m.d_model, m.n_layers, m.head_dim, m.context, m.vocab_size) == (256, 6, 64, 256, 4096)
-    assert (o.beta1, o.weight_decay, o.warmup_tokens, o.schedule) == (0.9, 0.02, 10_000_000, "constant")
+    assert (o.beta1, o.weight_decay, o.schedule) == (0.9, 0.02, "constant")
+    # the paper's 10M warmup tokens: for a run of unknown length, and for any run of 100M tokens or more
+    from selfreplay.train.optim import warmup_tokens_for
+
+    assert (o.warmup_tokens, o.warmup_steps, o.warmup_ratio) == (None, None, None)
+    assert warmup_tokens_for(o, 65_536, None) == warmup_tokens_for(o, 65_536, 2000) == 10_000_000
     assert (cfg.replay.temperature, cfg.replay.divergence, cfg.replay.source) == (1.0, "forward_kl", "auto")
     # the model-kind dependent ones are None until resolve_defaults fills them in
     assert (cfg.data.batch_size, o.lr, o.beta2, cfg.replay.coeff, cfg.replay.batch_size, cfg.replay.buffer,

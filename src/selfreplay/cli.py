@@ -76,7 +76,8 @@ def tokenizer_train(inputs, out, vocab_size, max_lines, shuffle_seed, text_field
     from selfreplay.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer(list(inputs), out, vocab_size=vocab_size, max_lines_per_file=max_lines,
-                          shuffle_seed=shuffle_seed, text_field=text_field, progress=True)
+                          shuffle_seed=shuffle_seed, text_field=text_field, progress=sys.stderr.isatty(),
+                          echo=None if sys.stderr.isatty() else click.echo)
     click.echo(f"wrote {out} (vocab {tok.get_vocab_size()})")
 
 
@@ -116,10 +117,12 @@ def _train_command(command: str):
         finally:
             shutdown()
         if main_rank:
-            keys = ["valid_loss", "valid_accuracy", "prev_loss", "forgetting", "prev_kl", "steps", "tokens",
-                    "train_time", "stop_reason"]
+            keys = ["valid_loss", "valid_accuracy", "prev_loss", "forgetting", "prev_kl", "target_kl", "replay_coeff",
+                    "replay_kl_smoothed", "best_step", "steps", "tokens", "train_time", "stop_reason"]
+            if summary.get("target_kl") is None:  # a fixed coefficient is the config's; a budget's final one is news
+                keys.remove("replay_coeff")
             click.echo(" ".join(f"{k}={_fmt(summary[k])}" for k in keys if summary.get(k) is not None))
-            click.echo(f"saved {cfg.run_dir}")
+            click.echo(f"saved {cfg.run_dir}" + (f"; pushed {summary['hub_url']}" if summary.get("hub_url") else ""))
 
     run.__doc__ = ("Pretrain the built-in GPT from scratch on a token corpus." if command == PRETRAIN else
                    "Finetune a model (model.model_name_or_path: a selfreplay run, a Hugging Face directory or hub "

@@ -93,7 +93,11 @@ class OptimConfig:
     beta2: Optional[float] = _f(None, "AdamW beta2: 0.999 (built-in GPT) / 0.997 (Hugging Face, §5.9)")
     weight_decay: float = _f(0.02, "decoupled weight decay (AdamW) or L2 (SGD)")
     momentum: float = _f(0.0, "SGD momentum")
-    warmup_tokens: int = _f(10_000_000, "linear warmup length in training tokens")
+    warmup_tokens: Optional[int] = _f(None, "linear warmup length in training tokens (give at most one warmup_*; "
+                                            "default: 10% of the run's length, at most 10M tokens, the paper's)")
+    warmup_steps: Optional[int] = _f(None, "linear warmup length in optimizer steps (HF Trainer's warmup_steps)")
+    warmup_ratio: Optional[float] = _f(None, "linear warmup as a fraction of the run's steps (HF Trainer's "
+                                             "warmup_ratio; needs a length criterion)")
     schedule: str = _f("constant", "constant | cosine (decays to 0 at the stop length)")
     grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this value (off, as in the paper)")
     fused: Optional[bool] = _f(None, "fused AdamW kernel (default: on CUDA)")
@@ -201,6 +205,16 @@ class CheckpointConfig:
     every_tokens: Optional[int] = _f(None, "save a resumable checkpoint every this many tokens")
     every_steps: Optional[int] = _f(None, "save a resumable checkpoint every this many optimizer steps")
     merge_lora: bool = _f(True, "LoRA: save merged weights (false, Hugging Face: the adapter only)", FINETUNE)
+    best_metric: Optional[str] = _f(None, "keep the best evaluation's weights as the saved model (HF Trainer's "
+                                          "load_best_model_at_end), by this metrics.jsonl key, e.g. valid_loss, "
+                                          "forgetting, mcq_<name>_accuracy (null: the last weights)")
+    greater_is_better: Optional[bool] = _f(None, "best_metric: whether larger is better (default: true for "
+                                                 "*accuracy, false otherwise)")
+    push_to_hub: bool = _f(False, "upload the saved model to the Hugging Face hub at the end (needs a login or "
+                                  "HF_TOKEN)")
+    hub_model_id: Optional[str] = _f(None, "push_to_hub: repository id, user/name (default: the run "
+                                           "directory's name under your user)")
+    hub_private_repo: bool = _f(True, "push_to_hub: create the repository as private")
 
 
 @dataclass
@@ -209,6 +223,9 @@ class LogConfig:
 
     progress: bool = _f(True, "progress bar (a plain line every progress_every_s when output is not a terminal)")
     progress_every_s: float = _f(30.0, "seconds between progress lines when output is not a terminal")
+    every_steps: int = _f(25, "log the training loss, its parts, the replay coefficient, LR and tokens/s (means "
+                              "over the steps since the last log, as TRL's logging_steps) every this many optimizer "
+                              "steps to metrics.jsonl, TensorBoard and wandb; 0: only at evaluations")
     wandb: bool = _f(False, "log to Weights & Biases (pip install wandb)")
     wandb_project: str = _f("selfreplay", "wandb project name")
     tensorboard: bool = _f(False, "log to TensorBoard in <run_dir>/tb (pip install tensorboard)")

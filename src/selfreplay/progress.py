@@ -17,12 +17,14 @@ class PlainProgress:
     """tqdm's ``update`` / ``set_postfix`` / ``close`` as periodic plain lines."""
 
     def __init__(self, total: Optional[int], desc: str, unit: str, initial: int = 0, every_s: float = 30.0,
-                 enabled: bool = True, stream=None):
+                 enabled: bool = True, stream=None, announce: bool = False):
         self.total, self.desc, self.unit, self.n, self.every_s = total, desc, unit, initial, every_s
         self.enabled, self.stream = enabled, stream or sys.stderr
         self.postfix = ""
         self._start_n, self._start = initial, time.perf_counter()
         self._last, self._printed = self._start, None
+        if announce:  # a first line at once: slow work shows that it started
+            self._print(self._start)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -61,10 +63,12 @@ def _clock(seconds: float) -> str:
 
 
 def progress(total: Optional[int] = None, desc: str = "", unit: str = "it", enabled: bool = True, initial: int = 0,
-             every_s: float = 30.0, position: int = 0):
-    """A progress display: tqdm on a terminal, :class:`PlainProgress` lines otherwise."""
+             every_s: float = 30.0, position: int = 0, announce: bool = False, leave: bool = True):
+    """A progress display: tqdm on a terminal, :class:`PlainProgress` lines otherwise (``announce``: the first at
+    once, rather than after ``every_s``)."""
     if enabled and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, position=position)
-    return PlainProgress(total, desc, unit, initial, every_s, enabled)
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, position=position,
+                    leave=leave)
+    return PlainProgress(total, desc, unit, initial, every_s, enabled, announce=announce)

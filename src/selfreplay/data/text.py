@@ -40,7 +40,7 @@ def load_records(source: str, split: str = "train", text_field: str = "text") ->
         records = [r for f in _split_files(path, split) for r in _read_file(f, text_field)]
     elif path.exists():
         records = _read_file(path, text_field)
-    elif _looks_local(source):
+    elif looks_local(source):
         raise SelfReplayError(f"data {source}: no such file or directory")
     else:
         records = _load_hub(source, split)
@@ -49,8 +49,15 @@ def load_records(source: str, split: str = "train", text_field: str = "text") ->
     return records
 
 
-def _looks_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES) or "\\" in source
+def looks_local(name: str) -> bool:
+    """Whether a name can only mean a local path, never a hub id (``name`` or ``owner/name``): it starts with
+    '.', '/' or '~', ends like a data file, holds a backslash or more than one '/', or its first part is an
+    existing local directory (``runs/x`` where ``runs/`` exists). Such a name that does not exist is refused at
+    once instead of being looked up on the hub."""
+    name = str(name)
+    first = name.split("/")[0]
+    return (name.startswith((".", "/", "~")) or name.endswith(LOCAL_SUFFIXES + (".gz", ".xz", ".csv"))
+            or "\\" in name or name.count("/") > 1 or ("/" in name and Path(first).is_dir()))
 
 
 def _split_files(directory: Path, split: str) -> list[Path]:

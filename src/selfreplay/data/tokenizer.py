@@ -205,11 +205,13 @@ def new_tokenizer() -> Tokenizer:
 
 def train_tokenizer(files: Iterable[PathLike], out_path: PathLike, vocab_size: int = 4096,
                     max_lines_per_file: Optional[int] = None, shuffle_seed: Optional[int] = 0,
-                    text_field: str = "text", progress: bool = False) -> Tokenizer:
+                    text_field: str = "text", progress: bool = False,
+                    echo: Optional[Callable[[str], None]] = None) -> Tokenizer:
     """Train the byte-level BPE on ``files`` and save it (atomically) as JSON at ``out_path``.
 
     Paper recipe: vocab 4096, 60,000 paragraphs per language file shuffled with seed 0. The vocabulary is
     the 10 domain tokens and EOS (ids 0..10), the 256 byte symbols, then merges up to ``vocab_size``.
+    ``progress``: the tokenizers library's bar (a terminal's); ``echo``: plain lines instead (a log file's).
     """
     files = [Path(f) for f in files]
     if not files:
@@ -224,8 +226,15 @@ def train_tokenizer(files: Iterable[PathLike], out_path: PathLike, vocab_size: i
     readers = [iter_text(f, text_field, max_lines_per_file, shuffle_seed) for f in files]  # fail fast on bad paths
 
     def texts() -> Iterator[str]:
-        for r in readers:
-            yield from r
+        lines = 0
+        for f, r in zip(files, readers):
+            if echo is not None:
+                echo(f"tokenizer: reading {f}")
+            for line in r:
+                lines += 1
+                yield line
+        if echo is not None:
+            echo(f"tokenizer: {lines:,} lines read; computing the merges up to {vocab_size} tokens")
 
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens(),

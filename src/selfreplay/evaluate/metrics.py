@@ -128,9 +128,10 @@ def parameter_norms(params: dict[str, torch.Tensor], teacher: Optional[dict[str,
     return out
 
 
-def read_metrics(run_dir, warn: bool = True) -> list[dict]:
-    """The records of a run's metrics.jsonl; a torn or garbage line (a kill or a full disk during an append) and
-    everything after it is dropped with a warning."""
+def read_metrics(run_dir, warn: bool = True, train_steps: bool = False) -> list[dict]:
+    """The evaluation records of a run's metrics.jsonl (``train_steps``: the ``"event": "train"`` records of
+    log.every_steps too); a torn or garbage line (a kill or a full disk during an append) and everything after it
+    is dropped with a warning."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
@@ -146,7 +147,8 @@ def read_metrics(run_dir, warn: bool = True) -> list[dict]:
             if warn:
                 log.warning("%s: line %d is torn or not JSON; dropping it and what follows", path, i)
             break
-        records.append(record)
+        if train_steps or record.get("event") != "train":
+            records.append(record)
     return records
 
 
@@ -160,7 +162,7 @@ class MetricsLogger:
 
         self.path = Path(run_dir) / METRICS
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [] if keep_until_step is None else [r for r in read_metrics(run_dir)
+        kept = [] if keep_until_step is None else [r for r in read_metrics(run_dir, train_steps=True)
                                                    if r.get("step", 0) <= keep_until_step]
         atomic_write(self.path, "".join(dumps(r) + "\n" for r in kept))
         self._file = self.path.open("ab", buffering=0)  # unbuffered: a failed append leaves nothing to flush

@@ -436,6 +436,10 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
         with lock:
             live[run.method] = run
             _write_metrics(out, [live[m] for m in ("none", method) if m in live])
+            last = run.records[-1]  # a line per finished task: progress where no terminal shows the bars
+            echo(f"{replay_label(run.method, run.source).lower()}: '{last['task']}' done at step {last['step']} "
+                 f"({time.perf_counter() - start:.0f}s): " + ", ".join(f"{t} {a:.1%}" for t, a in
+                                                                    last["accuracy"].items()))
 
     jobs: list = []  # the replay run: a Future in a second thread (multi-core CPU), else a call made afterwards
 

@@ -28,10 +28,12 @@ def model_kind(name_or_path: str) -> str:
 
     if is_gpt_run(name_or_path):
         return "gpt"
+    from selfreplay.data.text import looks_local
+
     p = Path(name_or_path)
-    if not p.exists() and str(name_or_path).startswith((".", "/", "~")):
-        raise SelfReplayError(f"model {name_or_path}: not found (no such directory; a hub id does not start with "
-                              f"'/', '.' or '~')")
+    if not p.exists() and looks_local(name_or_path):
+        raise SelfReplayError(f"model {name_or_path}: not found (no such directory; a hub id is 'name' or "
+                              f"'owner/name')")
     if p.is_dir() and not (p / "config.json").is_file() and not (p / "model" / "config.json").is_file():
         raise SelfReplayError(f"model {name_or_path}: a directory that is neither a finished selfreplay run "
                               f"(model.safetensors + run.json) nor a Hugging Face model (config.json)")
@@ -62,8 +64,10 @@ def merged_state(net, state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def save_model(model, module, run_dir: Path, tokenizer, merge_lora: bool, info: dict) -> None:
-    """The final weights: ``model.safetensors`` (built-in GPT) or ``model/`` (save_pretrained), rank 0 writing."""
+def save_model(model, module, run_dir: Path, tokenizer, merge_lora: bool, info: dict,
+               keep_training: bool = False) -> None:
+    """The final weights: ``model.safetensors`` (built-in GPT) or ``model/`` (save_pretrained), rank 0 writing.
+    ``keep_training``: a copy in the middle of a run (a best checkpoint), so built-in LoRA is merged into a copy."""
     from selfreplay.train import distributed as dist
 
     if model.kind == "gpt":
@@ -72,7 +76,7 @@ def save_model(model, module, run_dir: Path, tokenizer, merge_lora: bool, info: 
 
         if has_lora(model.net):
             info.setdefault("lora", {})["merged"] = True
-        if dist.is_fsdp(module):  # gather the shards on every rank, then fold the adapters into a plain GPT
+        if dist.is_fsdp(module) or keep_training:  # gather the shards on every rank, then fold the adapters into a plain GPT
             state = {k[len("net."):]: v for k, v in dist.gather_full_state_dict(module).items()}
             if dist.is_main():
                 save_gpt_weights(model.net, run_dir / WEIGHTS, merged_state(model.net, state))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -153,12 +153,14 @@ class Sampler:
     def sample(self, prompts: torch.Tensor, length: int, temperature: float = 1.0, top_k: Optional[int] = None,
                top_p: Optional[float] = None, eos_id: Optional[int] = None, pad_id: int = 0,
                generator: Optional[torch.Generator] = None, keep_targets: bool = False,
-               targets_top_k: Optional[int] = None, targets_dtype: Optional[torch.dtype] = None) -> Samples:
+               targets_top_k: Optional[int] = None, targets_dtype: Optional[torch.dtype] = None,
+               on_token: Optional[Callable[[], None]] = None) -> Samples:
         """Extend ``prompts`` [B, P] to ``length`` tokens.
 
         Temperature 0 is greedy. With ``eos_id`` a row stops at its first sampled EOS and the rest is ``pad_id``
         with loss_mask 0; otherwise EOS is an ordinary token (the paper's full-length samples). Kept targets are
         the model's own (temperature-1, unfiltered) logits, or with ``targets_top_k`` its k largest log-probs.
+        ``on_token`` is called after each sampled position (a progress display).
         """
         if prompts.ndim != 2:
             raise SelfReplayError(f"prompts must be [batch, prompt_length], got shape {tuple(prompts.shape)}")
@@ -190,6 +192,8 @@ class Sampler:
                 mask[:, t] = alive.float()
                 alive = alive & (nxt != eos_id)
             tokens[:, t] = nxt
+            if on_token is not None:
+                on_token()
             if t + 1 == length:
                 break
             if stop and (t - P) % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and not bool(alive.any()):

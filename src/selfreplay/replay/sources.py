@@ -28,6 +28,7 @@ from selfreplay.models.core import Teacher
 from selfreplay.replay.losses import TopKTargets
 from selfreplay.replay.prompts import Prompts, eos_loss_mask, prompt_mask
 from selfreplay.replay.sampling import Sampler, Samples, check_sampling_args, make_generator
+from selfreplay.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class SelfGeneratedReplay:
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_id: Optional[int] = None, pad_id: int = 0, seed: int = 0, keep_targets: bool = True,
                  max_targets_bytes: Optional[int] = 1 << 30, targets_top_k: Optional[int] = None,
-                 decode: str = "auto", autocast_dtype: Optional[torch.dtype] = None):
+                 decode: str = "auto", autocast_dtype: Optional[torch.dtype] = None, show_progress: bool = False):
         for name, value in (("batch_size", batch_size), ("buffer", buffer), ("temperature", temperature)):
             if value <= 0:
                 raise SelfReplayError(f"replay.{name}={value}: must be positive")
@@ -101,6 +102,7 @@ class SelfGeneratedReplay:
             teacher, prompts, batch_size, length, buffer
         self.temperature, self.top_k, self.top_p, self.eos_id, self.pad_id = temperature, top_k, top_p, eos_id, pad_id
         self.seed, self.autocast_dtype, self.targets_top_k = seed, autocast_dtype, targets_top_k
+        self.show_progress = show_progress  # a progress display per refill, its first line at once
         self.device = teacher.device
         self.sampler = Sampler(teacher.forward_module, decode)
         self.decode = self.sampler.mode(self.device)
@@ -137,10 +139,14 @@ class SelfGeneratedReplay:
                     else contextlib.nullcontext())
         _sync(self.device)
         start = time.perf_counter()
+        bar = progress(self.length - self.prompt_length, f"replay: sampling {rows} sequences x {self.length} tokens "
+                       f"(buffer {index + 1})", "tok", self.show_progress, every_s=10.0, position=1, announce=True,
+                       leave=False)
         with self.teacher.active(), autocast:
             samples = self.sampler.sample(prompts, self.length, self.temperature, self.top_k, self.top_p,
                                           self.eos_id, self.pad_id, make_generator(self.seed, index, self.device),
-                                          self.keeps_targets, self.targets_top_k)
+                                          self.keeps_targets, self.targets_top_k, on_token=lambda: bar.update(1))
+        bar.close()
         _sync(self.device)
         self.sample_seconds += time.perf_counter() - start
         self.refills += 1

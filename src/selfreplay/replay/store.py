@@ -158,7 +158,8 @@ def generate_replay(model: CausalLM, out_dir, num_sequences: int, prompts: Promp
     k = None if logprobs_top_k is None else min(logprobs_top_k, vocab)
     stream = SelfGeneratedReplay(Teacher(model.eval()), prompts, chunk_rows, length, 1, temperature, top_k, top_p,
                                  eos_id, pad_id, seed, keep_targets=k is not None, max_targets_bytes=None,
-                                 targets_top_k=k, decode=decode, autocast_dtype=autocast_dtype)
+                                 targets_top_k=k, decode=decode, autocast_dtype=autocast_dtype,
+                                 show_progress=show_progress)
     settings = {"format_version": REPLAY_FORMAT_VERSION, "num_sequences": num_sequences, "length": length,
                 "prompts": prompts.rows, "prompt_length": prompts.length, "chunk_rows": chunk_rows, "seed": seed,
                 "temperature": temperature, "top_k": top_k, "top_p": top_p, "eos_id": eos_id, "pad_id": pad_id,

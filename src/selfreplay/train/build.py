@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,12 +281,31 @@ def _self_replay(cfg: TrainConfig, parts: Parts, teacher_info: dict, rows: int, 
     teacher = parts.teacher
     if teacher is None:  # ewc without a frozen copy: it samples once, at step 0, when the student is the teacher
         teacher = Teacher(parts.model)
-    buffer = -(-r.ewc_sequences // rows) if r.method == "ewc" else r.buffer  # ewc samples only what it uses
+    # ewc samples only what it uses; a buffer never holds more steps than the run takes
+    steps = total_steps(cfg, model, parts.data)
+    buffer = -(-r.ewc_sequences // rows) if r.method == "ewc" else min(r.buffer, steps or r.buffer)
+    parts.info["replay"]["buffer"] = buffer
     return SelfGeneratedReplay(teacher, prompts, rows // world if per_rank else rows, length, buffer,
                                r.temperature, r.top_k, r.top_p, eos, parts.pad_id,
                                cfg.seed + (RANK_SEED_STRIDE * rank if per_rank else 0),
                                keep_targets=keep, max_targets_bytes=int(r.max_logprobs_gib * 2 ** 30),
-                               autocast_dtype=torch.bfloat16 if low else None)
+                               autocast_dtype=torch.bfloat16 if low else None,
+                               show_progress=cfg.log.progress and rank == 0)
+
+
+def total_steps(cfg: TrainConfig, model, data) -> Optional[int]:
+    """The run's optimizer steps from its length criterion (None: it stops on loss or time only)."""
+    stop, tokens_per_step = cfg.stop, cfg.data.batch_size * data.seq_len
+    if stop.steps is not None:
+        return stop.steps
+    if stop.tokens is not None:
+        return math.ceil(stop.tokens / tokens_per_step)
+    if stop.tokens_per_param is not None:
+        counts = model.num_params()
+        return math.ceil(stop.tokens_per_param * counts.get("paper", counts["actual"]) / tokens_per_step)
+    if stop.epochs is not None:
+        return math.ceil(stop.epochs * data.num_train_rows / cfg.data.batch_size)
+    return None
 
 
 def _replay_from_path(cfg: TrainConfig, parts: Parts, path: str, rows: int):

@@ -139,6 +139,36 @@ def validate(cfg: TrainConfig, kind: str, command: str, world: int = 1) -> None:
                               "(adapters disabled); leave them unset")
     if kind == "gpt" and (cfg.eval.mcq or cfg.data.packing == "examples"):
         raise SelfReplayError("eval.mcq / data.packing=examples: need a Hugging Face model and its tokenizer")
+    _check_paths(cfg)  # last: a config error is news even while a path is still to be created
+
+
+REPLAY_SOURCES = ("auto", "prev", "self")
+
+
+def _check_paths(cfg: TrainConfig) -> None:
+    """A name that can only be a local path (see data.text.looks_local) and does not exist is refused now, not
+    after a hub lookup; a replay.source close to a keyword gets a "did you mean"."""
+    import difflib
+    from pathlib import Path
+
+    from selfreplay.data.text import looks_local
+
+    named = [("data.train", cfg.data.train), ("data.mix", cfg.data.mix), ("eval.prev", cfg.eval.prev)]
+    named += [("eval.mcq", m) for m in cfg.eval.mcq]
+    source = cfg.replay.source
+    if source not in REPLAY_SOURCES:
+        named.append(("replay.source", source))
+        close = difflib.get_close_matches(source, REPLAY_SOURCES, n=1, cutoff=0.6)
+        if close and not Path(source).expanduser().exists():
+            raise SelfReplayError(f"replay.source={source}: neither {', '.join(REPLAY_SOURCES)} nor an existing path "
+                                  f"(did you mean {close[0]}?)")
+    for key, value in named:
+        if value and not Path(str(value)).expanduser().exists() and looks_local(str(value)):
+            raise SelfReplayError(f"{key}={value}: not found (no such file or directory)")
+    if cfg.checkpoint.push_to_hub:
+        from selfreplay.integrations.hub import check_hub
+
+        check_hub(cfg.checkpoint.hub_model_id)
 
 
 def _check_stop(cfg: TrainConfig) -> None:
@@ -168,9 +198,21 @@ def _check_optim(cfg: TrainConfig) -> None:
     for name, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
         if not 0.0 <= value < 1.0:
             raise SelfReplayError(f"{name}={value}: expected a value in [0, 1)")
-    for name in ("weight_decay", "momentum", "warmup_tokens"):
+    for name in ("weight_decay", "momentum"):
         if getattr(o, name) < 0:
             raise SelfReplayError(f"optim.{name}={getattr(o, name)}: must be >= 0")
+    warmups = [k for k in ("warmup_tokens", "warmup_steps", "warmup_ratio") if getattr(o, k) is not None]
+    if len(warmups) > 1:
+        raise SelfReplayError(f"optim: {' and '.join('optim.' + k for k in warmups)} both set; give one warmup length")
+    for k in warmups:
+        if getattr(o, k) < 0:
+            raise SelfReplayError(f"optim.{k}={getattr(o, k)}: must be >= 0")
+    if o.warmup_ratio is not None:
+        if o.warmup_ratio >= 1:
+            raise SelfReplayError(f"optim.warmup_ratio={o.warmup_ratio}: expected a fraction of the run in [0, 1)")
+        if not any(getattr(cfg.stop, k) is not None for k in LENGTH_CRITERIA):
+            raise SelfReplayError("optim.warmup_ratio needs a length criterion (stop.tokens / tokens_per_param / "
+                                  "epochs / steps); or give optim.warmup_steps / warmup_tokens")
     _positive("optim.grad_clip", o.grad_clip)
 
 

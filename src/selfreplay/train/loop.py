@@ -32,12 +32,14 @@ from selfreplay.evaluate.metrics import EvaluationAbandoned, MetricsLogger, para
 from selfreplay.progress import progress
 from selfreplay.train import checkpoint as ckpt
 from selfreplay.train import distributed as dist
-from selfreplay.train.build import Parts, chunk_size_for
+from selfreplay.train.build import Parts, chunk_size_for, total_steps
 from selfreplay.train.files import RunLock, atomic_write, atomic_write_json
 from selfreplay.train.ownership import claim_run_dir
-from selfreplay.train.optim import autocast_for, compile_on, lr_factor, make_optimizer
+from selfreplay.train.records import keep_if_best, log_training_window, promote_best, warn_schedule
+from selfreplay.train.optim import autocast_for, compile_on, lr_factor, make_optimizer, warmup_tokens_for
 
 PROGRESS_EVERY = 25
+EARLY_LIVE_LOSS = (1, 2, 4, 8, 16)  # steps after a (re)start at which the live loss is shown before a full window
 CONFIG, RUN_INFO, SUMMARY = "config.yaml", "run.json", "summary.json"
 RESUME_IGNORES = ("log", "stop", "eval", "checkpoint", "distributed", "run_dir", "threads")
 
@@ -74,6 +76,11 @@ class TrainState:
     steps_since_eval: int = 0
     sums: dict = field(default_factory=dict)  # metrics summed since the last evaluation (floats when saved)
     eval_pending: bool = False  # a signal cut this step's evaluation short: a resumed run does it first
+    log_sums: dict = field(default_factory=dict)  # metrics summed since the last log.every_steps record
+    steps_since_log: int = 0
+    lr_sum: float = 0.0  # the learning rates of every step, added up (the schedule warning)
+    best_metric: Optional[float] = None  # checkpoint.best_metric's best value so far, and its step
+    best_step: Optional[int] = None
 
 
 class SignalGuard:
@@ -134,25 +141,16 @@ class Trainer:
             raise SelfReplayError("no trainable parameters (check lora.targets)")
         self.optimizer = make_optimizer(cfg, self.params, device)
         self.tokens_per_step = cfg.data.batch_size * self.data.seq_len
-        self.total_steps = self._total_steps()
+        self.total_steps = total_steps(cfg, self.model, self.data)
+        self.warmup_tokens = warmup_tokens_for(cfg.optim, self.tokens_per_step, self.total_steps)
+        self.parts.info["warmup_steps"] = math.ceil(self.warmup_tokens / self.tokens_per_step)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, self.tokens_per_step, cfg.optim.warmup_tokens, cfg.optim.schedule, self.total_steps))
+            s, self.tokens_per_step, self.warmup_tokens, cfg.optim.schedule, self.total_steps))
+        self.last_lr = 0.0
+        self.window_start = (0.0, 0)  # (training clock, step) where the current log window began
         self.state = TrainState()
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.guard = SignalGuard()
-
-    def _total_steps(self) -> Optional[int]:
-        stop = self.cfg.stop
-        if stop.steps is not None:
-            return stop.steps
-        if stop.tokens is not None:
-            return math.ceil(stop.tokens / self.tokens_per_step)
-        if stop.tokens_per_param is not None:
-            counts = self.model.num_params()
-            return math.ceil(stop.tokens_per_param * counts.get("paper", counts["actual"]) / self.tokens_per_step)
-        if stop.epochs is not None:
-            return math.ceil(stop.epochs * self.data.num_train_rows / self.cfg.data.batch_size)
-        return None
 
     # ------------------------------------------------------------------------------------------ the step
     def _shard(self, batch):
@@ -190,7 +188,9 @@ class Trainer:
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
-        lr_scale = self.scheduler.get_last_lr()[0] / self.cfg.optim.lr  # this step's LR over the peak (a float)
+        self.last_lr = self.scheduler.get_last_lr()[0]
+        self.state.lr_sum += self.last_lr
+        lr_scale = self.last_lr / self.cfg.optim.lr  # this step's LR over the peak (a float)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         shares = acc / (totals * self.world)
@@ -290,24 +290,27 @@ class Trainer:
             bar = progress(self.total_steps, f"{self.parts.info.get('kind', 'train')} {self.run_dir.name}", "step",
                            cfg.log.progress and self.main, st.step, cfg.log.progress_every_s)
             tick = time.perf_counter()
-            window, smoothed = torch.zeros((), device=self.device), None
+            start_step = st.step
+            clock = lambda: st.train_time + (time.perf_counter() - tick)  # noqa: E731 (training time, evals excluded)
+            self.window_start = (clock(), st.step)
             while st.stop_reason is None:
                 self._honour_signal(tick)
                 parts = self.train_step()
                 st.step += 1
                 st.tokens += self.tokens_per_step
                 st.steps_since_eval += 1
+                st.steps_since_log += 1
                 for k, v in parts.items():
                     st.sums[k] = st.sums[k] + v if k in st.sums else v
-                window = window + parts["loss"]
+                    st.log_sums[k] = st.log_sums[k] + v if k in st.log_sums else v
                 if self.on_step is not None:
                     self.on_step(st.step)
                 if st.step % PROGRESS_EVERY == 0:
                     self._check_finite("training")
-                    mean = float(dist.reduce_sum(window.detach()).item()) / PROGRESS_EVERY
-                    smoothed = mean if smoothed is None else 0.7 * smoothed + 0.3 * mean
-                    bar.set_postfix(loss=f"{smoothed:.3f}", refresh=False)
-                    window = torch.zeros((), device=self.device)
+                if st.step % (cfg.log.every_steps or PROGRESS_EVERY) == 0:
+                    log_training_window(self, logger, bar, clock)
+                elif st.step - start_step in EARLY_LIVE_LOSS:
+                    log_training_window(self, logger, bar, clock, peek=True)
                 bar.update(1)
                 st.stop_reason = self._length_or_time_stop(time.perf_counter() - tick)
                 if self._eval_due() or st.stop_reason is not None:
@@ -318,6 +321,8 @@ class Trainer:
                     st.train_time += self._elapsed(tick)
                     self.save_checkpoint()
                     tick = time.perf_counter()
+            if st.steps_since_log:  # the last, partial window: the live loss ends on the run's last steps
+                log_training_window(self, logger, bar, clock)
             bar.close()
         finally:
             if logger is not None:
@@ -326,6 +331,13 @@ class Trainer:
         summary = {**record, "stop_reason": st.stop_reason, "steps": st.step, "tokens": st.tokens,
                    "train_time": st.train_time, "best_valid_loss": st.best_valid,
                    "prev_loss_before": st.prev_teacher_loss}
+        if self.penalty.budget is not None:
+            summary["target_kl"] = self.cfg.replay.target_kl
+        if st.best_step is not None:
+            summary.update(best_metric=self.cfg.checkpoint.best_metric, best_metric_value=st.best_metric,
+                           best_step=st.best_step)
+        if self.main:
+            warn_schedule(self)
         self._save_final(summary)
         return summary
 
@@ -422,6 +434,8 @@ class Trainer:
             self._check_finite("evaluation")
         if logger is not None:
             logger.log(record)
+        if cfg.checkpoint.best_metric:
+            keep_if_best(self, record)
         st.sums, st.steps_since_eval, st.eval_pending = {}, 0, False
         st.next_eval_tokens = st.tokens + (cfg.eval.every_tokens or 0)
         valid = record["valid_loss"]
@@ -449,8 +463,9 @@ class Trainer:
         source = self.penalty.source
         replays = dist.all_gather_object(source.state_dict() if source is not None else None)
         counters = dataclasses.asdict(st)
-        counters["sums"] = {k: float(dist.reduce_sum(v.detach()).item()) if isinstance(v, torch.Tensor) else v
-                            for k, v in st.sums.items()}
+        for name in ("sums", "log_sums"):
+            counters[name] = {k: float(dist.reduce_sum(v.detach()).item()) if isinstance(v, torch.Tensor) else v
+                              for k, v in getattr(st, name).items()}
         if not self.main:
             dist.barrier()
             return None
@@ -485,21 +500,34 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         counters = state["counters"]
-        sums = {k: torch.tensor(v / self.world, device=self.device) for k, v in counters.pop("sums").items()}
-        self.state = TrainState(**counters, sums=sums)
+        for name in ("sums", "log_sums"):
+            counters[name] = {k: torch.tensor(v / self.world, device=self.device)
+                              for k, v in counters.get(name, {}).items()}
+        self.state = TrainState(**counters)
 
     def _save_final(self, summary: dict) -> None:
         """The trained model (LoRA merged unless told otherwise), run.json and summary.json; checkpoints go."""
         info = {**self.parts.info, "steps": self.state.step, "tokens": self.state.tokens, "world_size": self.world}
         from selfreplay.models import save_model
 
-        save_model(self.model, self.module, self.run_dir, self.parts.tokenizer, self.cfg.checkpoint.merge_lora, info)
+        if self.state.best_step is not None:  # the best evaluation's weights are the saved model
+            info["best_step"] = self.state.best_step
+            if self.main:
+                promote_best(self.run_dir)
+        else:
+            save_model(self.model, self.module, self.run_dir, self.parts.tokenizer, self.cfg.checkpoint.merge_lora,
+                       info)
         if self.main:
             atomic_write(self.run_dir / CONFIG, config_to_yaml(self.cfg))
             atomic_write_json(self.run_dir / RUN_INFO, info)
             atomic_write_json(self.run_dir / SUMMARY, summary)
             ckpt.remove_checkpoints(self.run_dir)
         dist.barrier()
+        if self.main and self.cfg.checkpoint.push_to_hub:
+            from selfreplay.integrations.hub import push_run
+
+            summary["hub_url"] = push_run(self.run_dir, self.model.kind, self.cfg.checkpoint.hub_model_id,
+                                          self.cfg.checkpoint.hub_private_repo)
 
 
 def _rng_state() -> dict:

@@ -28,6 +28,27 @@ def low_precision(device: torch.device, precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+PAPER_WARMUP_TOKENS = 10_000_000
+DEFAULT_WARMUP_RATIO = 0.1
+
+
+def warmup_tokens_for(optim, tokens_per_step: int, total_steps: Optional[int]) -> float:
+    """The warmup length in tokens, from whichever of optim.warmup_tokens / warmup_steps / warmup_ratio is given.
+
+    None given: 10% of the run's length, at most the paper's 10M tokens (a long run warms up exactly as the paper's;
+    a short one still reaches its peak LR, where 10M tokens would outlast it), 10M tokens when the length is unknown.
+    """
+    if optim.warmup_tokens is not None:
+        return float(optim.warmup_tokens)
+    if optim.warmup_steps is not None:
+        return float(optim.warmup_steps * tokens_per_step)
+    if optim.warmup_ratio is not None:
+        return optim.warmup_ratio * (total_steps or 0) * tokens_per_step
+    if total_steps is None:
+        return float(PAPER_WARMUP_TOKENS)
+    return min(float(PAPER_WARMUP_TOKENS), DEFAULT_WARMUP_RATIO * total_steps * tokens_per_step)
+
+
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
     """bf16 autocast on CUDA by default (or with precision=bf16 anywhere), full precision otherwise."""
     if low_precision(device, precision):

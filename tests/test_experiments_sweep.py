@@ -16,6 +16,7 @@ import yaml
 from conftest import VOCAB, one_line_error
 from selfreplay.config import TrainConfig, load_config
 from selfreplay.errors import SelfReplayError
+from selfreplay.evaluate.metrics import read_metrics
 from selfreplay.experiments.results import RESULT_COLUMNS, read_csv
 from selfreplay.experiments.sweep import (deep_merge, expand_jobs, flatten, job_status, load_experiment, run_sweep,
                                          unflatten)
@@ -151,7 +152,7 @@ def test_end_to_end_skip_resume_and_results(corpora, tmp_path):
     summary = json.loads((victim.run_dir / "summary.json").read_text())
     assert summary["steps"] == 20  # resumed from the step-5 checkpoint to the end
     assert not (victim.run_dir / "checkpoints").exists()  # a finished run keeps no checkpoints
-    records = [json.loads(x) for x in (victim.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(victim.run_dir)  # the evaluation records
     assert records[0]["step"] == 0 and records[-1]["step"] == 20
 
     # the results table: one row per run, the documented columns, numbers that match the run directories

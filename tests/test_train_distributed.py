@@ -40,7 +40,9 @@ def one_process(args: list[str]) -> dict:
 
 
 def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from selfreplay.evaluate.metrics import read_metrics
+
+    return read_metrics(run_dir)  # the evaluation records
 
 
 KEYS = ("train_loss", "train_ntp", "train_replay", "valid_loss", "valid_kl", "prev_loss", "forgetting")

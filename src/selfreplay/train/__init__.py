@@ -48,6 +48,7 @@ def prepare(cfg: TrainConfig, command: str) -> tuple[TrainConfig, str, "object"]
     checks.resolve_defaults(cfg, kind, command)
     info = init_distributed(cfg.device)
     checks.validate(cfg, kind, command, info.world_size)
+    checks.check_paths(cfg)
     check_run_memory(cfg, kind, command, info.device, info.world_size)
     return cfg, kind, info
 

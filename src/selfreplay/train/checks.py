@@ -139,15 +139,15 @@ def validate(cfg: TrainConfig, kind: str, command: str, world: int = 1) -> None:
                               "(adapters disabled); leave them unset")
     if kind == "gpt" and (cfg.eval.mcq or cfg.data.packing == "examples"):
         raise SelfReplayError("eval.mcq / data.packing=examples: need a Hugging Face model and its tokenizer")
-    _check_paths(cfg)  # last: a config error is news even while a path is still to be created
 
 
 REPLAY_SOURCES = ("auto", "prev", "self")
 
 
-def _check_paths(cfg: TrainConfig) -> None:
+def check_paths(cfg: TrainConfig) -> None:
     """A name that can only be a local path (see data.text.looks_local) and does not exist is refused now, not
-    after a hub lookup; a replay.source close to a keyword gets a "did you mean"."""
+    after a hub lookup; a replay.source close to a keyword gets a "did you mean". (After :func:`validate`: a config
+    error is news even while a path is still to be created.)"""
     import difflib
     from pathlib import Path
 

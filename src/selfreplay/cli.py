@@ -366,20 +366,43 @@ def demo(out_dir, full, method, source, seed, device, steps_per_task, eval_every
 @click.option("--stage", "stages", multiple=True, help="run only these stages (repeat); finished runs are reused")
 @click.option("--runs-dir", default="runs", show_default=True, help="runs go to RUNS_DIR/<name>/<scale>/")
 @click.option("--dry-run", is_flag=True, help="list the runs and their status, train nothing")
-def sweep(experiment, scale, workers, threads, stages, runs_dir, dry_run) -> None:
+@click.option("--status", "show_status", is_flag=True,
+              help="print every run's state (done, running, pending, failed and why) from the run directories")
+@click.option("--launcher", default=None, help="local (default), slurm or ray: where the runs train (overrides the "
+                                               "experiment file's launcher.name)")
+@click.option("--partition", default=None, help="slurm: the partition")
+@click.option("--time-min", type=int, default=None, help="slurm: time limit of one job in minutes (then requeued)")
+@click.option("--cpus-per-run", type=int, default=None, help="slurm / ray: CPUs of one run (default: --threads)")
+@click.option("--gpus-per-run", type=int, default=None, help="slurm / ray: GPUs of one run")
+@click.option("--tasks-per-run", type=int, default=None, help="slurm: processes of one run (DDP / FSDP2)")
+@click.option("--array-parallelism", type=int, default=None, help="slurm: runs of one job array at once")
+@click.option("--ray-address", default=None, help="ray: the cluster to join (auto, or host:port)")
+def sweep(experiment, scale, workers, threads, stages, runs_dir, dry_run, show_status, launcher, partition, time_min,
+          cpus_per_run, gpus_per_run, tasks_per_run, array_parallelism, ray_address) -> None:
     """Run an experiment grid (experiments/<name>.yaml or a YAML path): skip finished runs, resume interrupted
-    ones, then write results.csv and results_trajectories.csv."""
+    ones, then write results.csv and results_trajectories.csv. Runs train here, on a SLURM cluster or on a Ray
+    cluster (--launcher; docs/clusters.md)."""
+    from selfreplay.experiments.launchers import launcher_settings
     from selfreplay.experiments.sweep import expand_jobs, job_status, load_experiment, run_sweep
 
     for name, value in (("--workers", workers), ("--threads", threads)):
         if value is not None and value < 1:
             raise SelfReplayError(f"sweep {name}={value}: must be positive")
     exp = load_experiment(experiment, scale, runs_dir)
+    if show_status:
+        from selfreplay.experiments.status import format_status, sweep_status
+
+        click.echo(format_status(exp, sweep_status(exp)))
+        return
     if dry_run:
         for job in expand_jobs(exp):
             click.echo(f"{job_status(job):12s} {job.key}")
         return
-    result = run_sweep(exp, workers=workers, threads=threads, only=list(stages) or None, log=click.echo)
+    settings = launcher_settings(exp.launcher, name=launcher, partition=partition, time_min=time_min,
+                                 cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, tasks_per_run=tasks_per_run,
+                                 array_parallelism=array_parallelism, ray_address=ray_address)
+    result = run_sweep(exp, workers=workers, threads=threads, only=list(stages) or None, log=click.echo,
+                       launcher=settings)
     if result.failed:
         raise SelfReplayError(f"{len(result.failed)} run(s) failed: " + "; ".join(
             f"{k}: {v}" for k, v in list(result.failed.items())[:3]))

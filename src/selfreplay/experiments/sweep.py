@@ -27,6 +27,7 @@ An experiment file (``experiments/<name>.yaml``)::
       cpu: {stages: {pretrain: {base: {stop.tokens: 1000000}}}}
       gpu: {...}
       paper: {...}
+    launcher: {name: slurm, partition: gpu, gpus_per_run: 1}   # optional: see selfreplay.experiments.launchers
 
 Runs live in ``<runs_dir>/<name>/<scale>/<stage>/<run name>``. A run name is derived from its values:
 ``<variant>,<key>=<value>,...`` (key = the last part of the dotted key unless that is ambiguous), a finetuning
@@ -35,7 +36,10 @@ run's prefixed by its upstream run's name and ``--``. Decisions:
 * A run is *finished* when its directory holds the weights and summary.json; it is skipped (after checking that
   its saved config still matches, so an edited YAML cannot silently reuse stale results). A run with a
   ``checkpoints/`` is *interrupted* and resumed. Anything else starts afresh.
-* Jobs run in ``spawn``-ed processes (:mod:`selfreplay.experiments.workers`: a fresh one per run, so no
+* Where jobs run is the launcher (:mod:`selfreplay.experiments.launchers`: ``local``, ``slurm``, ``ray``; the
+  experiment file's ``launcher:`` block); the scheduling loop is :mod:`selfreplay.experiments.scheduler`, and
+  ``--status`` reads each run's state from its directory (:mod:`selfreplay.experiments.status`). Locally,
+  jobs run in ``spawn``-ed processes (:mod:`selfreplay.experiments.workers`: a fresh one per run, so no
   compiled graphs or thread settings carry over), ``workers`` at a time, each with ``threads`` torch/OMP threads
   (default 1: small models are fastest that way, one per core). A job starts when its upstream run has
   finished; a failed job (or one whose process died) is recorded, its dependents are skipped, the rest continue,
@@ -56,10 +60,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import signal
 import sys
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ from selfreplay.errors import SelfReplayError
 
 SCALES = ("cpu", "gpu", "paper")
 STAGE_KEYS = {"kind", "base", "grid", "from", "select", "variants"}
-TOP_KEYS = {"name", "description", "prepare", "common", "stages", "scales", "paper", "report"}
+TOP_KEYS = {"name", "description", "prepare", "common", "stages", "scales", "paper", "report", "launcher"}
 IGNORED_WHEN_COMPARING = ("log", "run_dir")
 BUDGET_ONLY = ("target_kl_step", "target_kl_smoothing", "target_kl_gain", "coeff_min", "coeff_max")
 
@@ -99,6 +100,7 @@ class Experiment:
     stages: list[Stage]
     paper: dict = field(default_factory=dict)  # the paper's numbers, for the report
     report: dict = field(default_factory=dict)  # settings of the report (e.g. the frontier's loss targets)
+    launcher: dict = field(default_factory=dict)  # where runs go (see selfreplay.experiments.launchers)
 
 
 @dataclass
@@ -253,7 +255,15 @@ def load_experiment(name_or_path: str, scale: str = "cpu", runs_dir: str | Path 
     return Experiment(name=name, description=tree.get("description", ""), scale=scale,
                       root=Path(runs_dir) / name / scale, path=path, prepare=tree.get("prepare") or {},
                       common=dict(tree.get("common") or {}), stages=stages, paper=tree.get("paper") or {},
-                      report=tree.get("report") or {})
+                      report=tree.get("report") or {}, launcher=_launcher_block(tree.get("launcher"), path))
+
+
+def _launcher_block(block: Any, path: Path) -> dict:
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise SelfReplayError(f"experiment file {path}: 'launcher' must be a mapping (name: local|slurm|ray, ...)")
+    return dict(block)
 
 
 # ---------------------------------------------------------------------------- the job graph
@@ -389,24 +399,46 @@ def check_finished_config(job: Job) -> None:
 
 
 # ---------------------------------------------------------------------------- running
-def _run_job(key: str, kind: str, overrides: dict, resume: bool) -> dict:
-    """Worker entry point: train one run (the trainer locks its directory), output appended to <run_dir>/train.log."""
+def _run_job(key: str, kind: str, overrides: dict, resume: bool, launcher: str = "local") -> dict:
+    """What every launcher runs: train one run (the trainer locks its directory), output appended to
+    <run_dir>/train.log, the job's state in <run_dir>/job.json. Several ranks (a SLURM job of N tasks): rank 0
+    alone claims the directory, writes the record and the log; the others print where their job's output goes."""
     from selfreplay.config import TrainConfig, load_config
+    from selfreplay.experiments.status import scheduler_job_id, write_job_record
     from selfreplay.train import train
+    from selfreplay.train.distributed import env_world
+    from selfreplay.train.loop import Interrupted
     from selfreplay.train.ownership import claim_run_dir
 
+    if env_world()[0] != 0:
+        return train(load_config(TrainConfig, base=unflatten(overrides)), kind, resume=resume)
     run_dir = claim_run_dir(overrides["run_dir"], resume)  # refused unless new, empty or ours; before train.log
+    write_job_record(run_dir, "running", launcher)
     with open(run_dir / "train.log", "a") as logf:
+        print(f"--- {'resuming' if resume else 'starting'} {key} ({launcher} job {scheduler_job_id() or '-'})",
+              file=logf, flush=True)
         old_out, old_err = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = logf
         try:
             cfg = load_config(TrainConfig, base=unflatten(overrides))
-            return train(cfg, kind, resume=resume)
-        except SelfReplayError:
+            summary = train(cfg, kind, resume=resume)
+            write_job_record(run_dir, "done", launcher)
+            return summary
+        except Interrupted as e:
+            print(e, file=logf)
+            write_job_record(run_dir, "stopped", launcher, error=str(e).split(";")[0])
+            raise
+        except SelfReplayError as e:
+            write_job_record(run_dir, "failed", launcher, error=str(e))
             raise
         except Exception as e:  # keep the traceback in the run's log, one line for the sweep
             traceback.print_exc(file=logf)
-            raise SelfReplayError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            write_job_record(run_dir, "failed", launcher, error=error)
+            raise SelfReplayError(error) from None
+        except BaseException as e:  # KeyboardInterrupt before the trainer takes the signals, SystemExit
+            write_job_record(run_dir, "stopped", launcher, error=type(e).__name__)
+            raise
         finally:
             sys.stdout, sys.stderr = old_out, old_err
 
@@ -419,123 +451,11 @@ class SweepResult:
 
 
 def run_sweep(exp: Experiment, workers: Optional[int] = None, threads: int = 1, only: Optional[list[str]] = None,
-              log: Callable[[str], None] = print, in_process: bool = False) -> SweepResult:
-    """Run every unfinished job of ``exp`` (``only``: these stages), then write the results table.
+              log: Callable[[str], None] = print, in_process: bool = False, launcher=None) -> SweepResult:
+    """Run every unfinished job of ``exp`` (``only``: these stages) with ``launcher`` (a
+    :class:`~selfreplay.experiments.launchers.LauncherSettings`; default: the experiment file's, else local
+    processes), then write the results table (see :mod:`selfreplay.experiments.scheduler`)."""
+    from selfreplay.experiments.scheduler import run_grid
 
-    ``in_process`` runs jobs one after another in this process (tests, debugging). After SIGINT / SIGTERM the
-    running jobs checkpoint and stop, the table is written, and :class:`Interrupted` is raised.
-    """
-    from selfreplay.experiments.prepare import prepare_data
-    from selfreplay.experiments.results import write_results
-    from selfreplay.experiments.workers import job_runner
-    from selfreplay.train.loop import Interrupted, SignalGuard
-
-    prepare_data(exp.prepare, log)
-    jobs = expand_jobs(exp)
-    for j in jobs:  # fail fast on config errors before any training starts
-        job_config(j)
-    result = SweepResult()
-    jobs_by_key = {j.key: j for j in jobs}
-    pending: dict[str, Job] = {}
-    for j in jobs:
-        status = job_status(j)
-        if status == "finished":
-            check_finished_config(j)
-            result.skipped.append(j.key)
-        elif only is None or j.stage in only:
-            pending[j.key] = j
-    done = set(result.skipped)
-    log(f"sweep {exp.name} ({exp.scale}): {len(jobs)} runs, {len(done)} finished, {len(pending)} to run -> "
-        f"{exp.root}")
-    claim_sweep_root(exp)
-    start = time.time()
-
-    def ready(j: Job) -> bool:
-        return j.upstream is None or j.upstream in done
-
-    def blocked(j: Job) -> Optional[str]:
-        """The upstream run that failed or will never run (not pending, not running, not done), else None."""
-        up = j.upstream
-        if up is None or up in done or up in pending or up in running.values():
-            return None
-        return up
-
-    def finish(key: str, error: Optional[str], summary: Optional[dict]) -> None:
-        if error is None:
-            done.add(key)
-            result.finished.append(key)
-            brief = " ".join(f"{k}={summary[k]:.4g}" for k in ("valid_loss", "prev_loss", "forgetting", "train_time")
-                             if isinstance(summary.get(k), (int, float)))
-            log(f"[{time.time() - start:7.0f}s] done {key}: {brief} ({summary.get('stop_reason')})")
-        else:
-            result.failed[key] = error
-            log(f"[{time.time() - start:7.0f}s] FAILED {key}: {error}")
-
-    def skip_blocked() -> None:
-        changed = True
-        while changed:
-            changed = False
-            for key, j in list(pending.items()):
-                up = blocked(j)
-                if up is not None:
-                    del pending[key]
-                    result.failed[key] = f"upstream run {up} did not finish"
-                    log(f"skipped {key}: upstream {up} did not finish")
-                    changed = True
-
-    workers = 1 if in_process else workers or os.cpu_count() or 1
-    running: dict = {}
-    stopped: list[tuple[str, int]] = []  # (run, signal) of the runs a signal stopped
-    guard = SignalGuard()  # the sweep's own SIGINT / SIGTERM (a second Ctrl-C raises KeyboardInterrupt)
-
-    def signalled() -> Optional[int]:
-        return guard.received or next((signum for _, signum in stopped), None)
-
-    with guard, job_runner(in_process, threads) as runner:
-        while pending or running:
-            if signalled() is None:
-                skip_blocked()
-                for j in [j for j in pending.values() if ready(j)][: workers - len(running)]:
-                    del pending[j.key]
-                    resume = job_status(j) == "interrupted"
-                    log(f"[{time.time() - start:7.0f}s] start {j.key}" + (" (resuming)" if resume else ""))
-                    running[runner.submit(_run_job, j.key, j.kind, j.overrides, resume)] = j.key
-            if not running:
-                break
-            if guard.received is not None:
-                runner.send_signal(signal.SIGTERM)  # each run once: it checkpoints at its next step boundary
-            for fut in [f for f in running if f.done()] or runner.wait(timeout=0.5):
-                key = running.pop(fut)
-                try:
-                    finish(key, None, fut.result())
-                except Interrupted as e:
-                    stopped.append((key, e.signum))
-                except Exception as e:  # a SelfReplayError, or a job process that died
-                    finish(key, str(e).splitlines()[0] if str(e) else type(e).__name__, None)
-    signum = signalled()
-    if signum is None:
-        for key in pending:  # never became ready
-            result.failed.setdefault(key, "upstream did not finish")
-    write_results(exp, jobs)
-    if signum is not None:
-        raise _interrupted(signum, [jobs_by_key[key] for key, _ in stopped], result, log, time.time() - start)
-    log(f"sweep {exp.name}: {len(result.finished)} run, {len(result.skipped)} already finished, "
-        f"{len(result.failed)} failed; {time.time() - start:.0f}s; results in {exp.root / 'results.csv'}")
-    return result
-
-
-def _interrupted(signum: int, stopped: list[Job], result: SweepResult, log: Callable[[str], None], elapsed: float):
-    """The one-line :class:`Interrupted` of a sweep a signal stopped (after logging each stopped run)."""
-    from selfreplay.train.loop import Interrupted
-
-    resumable = [j for j in stopped if job_status(j) == "interrupted"]
-    for j in stopped:
-        log(f"[{elapsed:7.0f}s] stopped {j.key}" + (" with a checkpoint" if j in resumable else
-                                                   " before its first checkpoint"))
-    parts = [f"{len(resumable)} run(s) stopped with a checkpoint"]
-    if len(stopped) > len(resumable):
-        parts.append(f"{len(stopped) - len(resumable)} before their first")
-    if result.failed:
-        parts.append(f"{len(result.failed)} failed")
-    return Interrupted(f"interrupted by {signal.Signals(signum).name}: {', '.join(parts)}; run the same command "
-                       f"again to continue", signum)
+    return run_grid(exp, workers=workers, threads=threads, only=only, log=log, in_process=in_process,
+                    launcher=launcher)

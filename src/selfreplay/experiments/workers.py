@@ -38,7 +38,7 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-class _JobSignals:
+class JobSignals:
     """In a job process, until the trainer's own guard takes over (and after it): the first SIGINT / SIGTERM
     stops the job (as a KeyboardInterrupt, raised once); later ones are only noted."""
 
@@ -68,7 +68,7 @@ def _job_main(sender, parent: int, threads: int, fn: Callable, args: tuple) -> N
     """A job process: take the stop signals, set the threads, run ``fn(*args)`` and send back (ok, value)."""
     from selfreplay.train.loop import Interrupted
 
-    signals = _JobSignals()
+    signals = JobSignals()
     try:
         try:
             for sig in STOP_SIGNALS:

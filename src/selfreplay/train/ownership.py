@@ -22,7 +22,7 @@ from selfreplay.train.files import atomic_write_json, remove_stale_temporaries
 RUN_MARKER = ".selfreplay-run"
 # The files and folders a training run writes into its run directory (checkpoints/ is removed on its own terms).
 RUN_FILES = ("config.yaml", "run.json", "summary.json", "metrics.jsonl", "model.safetensors", "model", "tb", "wandb",
-             "train.log", ".lock", "best")
+             "train.log", ".lock", "best", "job.json")
 
 
 def _real_dir(path: Path) -> bool:

@@ -23,7 +23,6 @@ wrote ``state.pt`` (a pickle): such a checkpoint is refused with one line, never
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import math
 import re
@@ -105,18 +104,12 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def write_state(state: dict, directory) -> None:
     """Store a training state (nested dicts / lists / tuples of tensors, numbers, strings) in ``directory``."""
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = {"format": STATE_FORMAT, "state": _encode(state, tensors, {})}
-    try:
-        save_file(tensors, str(directory / TENSORS))
-    except SafetensorError as e:  # the Rust writer reports a full disk only in its message
-        if "os error 28" in str(e) or "os error 122" in str(e):
-            raise OSError(errno.ENOSPC, "No space left on device", str(directory / TENSORS)) from None
-        raise
+    save_file(tensors, str(directory / TENSORS))  # a full disk: files.disk_full reads safetensors' error
     with open(directory / STATE, "w", encoding="utf-8") as f:
         json.dump(skeleton, f, allow_nan=False)
 

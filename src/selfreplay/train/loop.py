@@ -35,6 +35,7 @@ from selfreplay.train import distributed as dist
 from selfreplay.train.build import Parts, chunk_size_for, total_steps
 from selfreplay.train.files import RunLock, atomic_write, atomic_write_json
 from selfreplay.train.ownership import claim_run_dir
+from selfreplay.train import records
 from selfreplay.train.records import keep_if_best, log_training_window, promote_best, warn_schedule
 from selfreplay.train.optim import autocast_for, compile_on, lr_factor, make_optimizer, warmup_tokens_for
 
@@ -409,14 +410,9 @@ class Trainer:
         st, cfg = self.state, self.cfg
         self._check_finite("training")
         record = {"step": st.step, "tokens": st.tokens, "epoch": self.data.epochs_done, "train_time": st.train_time,
-                  "lr": self.scheduler.get_last_lr()[0], "replay_coeff": float(self.penalty.coeff)}
-        if self.penalty.budget is not None:
-            record["replay_kl_smoothed"] = float(self.penalty.budget.smoothed_kl)
+                  "lr": self.scheduler.get_last_lr()[0], **records.coeff_fields(self.penalty)}
         if st.steps_since_eval:
-            keys = sorted(st.sums)
-            values = dist.reduce_sum(torch.stack([torch.as_tensor(st.sums[k], device=self.device).float()
-                                                  for k in keys])) / st.steps_since_eval
-            record.update({f"train_{k}": v for k, v in zip(keys, values.tolist())})
+            record.update(records.mean_sums(self, st.sums, st.steps_since_eval))
             record["tokens_per_s"] = st.tokens / st.train_time if st.train_time > 0 else None
         source = self.penalty.source
         if source is not None:

@@ -22,26 +22,37 @@ MIN_LR_SUM = 1e-4  # AdamW moves a weight by at most about lr per step: less in 
 BEST = "best"  # in the run directory while training (ownership.RUN_FILES)
 
 
+def mean_sums(trainer, sums: dict, steps: int) -> dict:
+    """``train_<k>``: each running sum of the loss parts, added over ranks, divided by ``steps`` (one host read)."""
+    keys = sorted(sums)
+    values = dist.reduce_sum(torch.stack([torch.as_tensor(sums[k], device=trainer.device).float()
+                                          for k in keys])).tolist()
+    return {f"train_{k}": v / steps for k, v in zip(keys, values)}
+
+
+def coeff_fields(penalty) -> dict:
+    """The replay coefficient, and with a budget its smoothed KL estimate."""
+    fields = {"replay_coeff": float(penalty.coeff)}
+    if penalty.budget is not None:
+        fields["replay_kl_smoothed"] = float(penalty.budget.smoothed_kl)
+    return fields
+
+
 def log_training_window(trainer, logger, bar, clock: Callable[[], float], peek: bool = False) -> None:
     """The means over the steps since the last record: the live loss of the progress display and (every
     log.every_steps steps, and at the end) a training record in metrics.jsonl, TensorBoard and wandb.
     ``peek``: only the live loss, the window goes on."""
     st = trainer.state
-    keys = sorted(st.log_sums)
-    values = dist.reduce_sum(torch.stack([torch.as_tensor(st.log_sums[k], device=trainer.device).float()
-                                          for k in keys])).tolist()
-    means = {f"train_{k}": v / st.steps_since_log for k, v in zip(keys, values)}
+    means = mean_sums(trainer, st.log_sums, st.steps_since_log)
     bar.set_postfix(loss=f"{means['train_loss']:.3f}", refresh=False)
     if peek:
         return
     now, (start, start_step) = clock(), trainer.window_start
     if logger is not None and trainer.cfg.log.every_steps:
         record = {"event": "train", "step": st.step, "tokens": st.tokens, "epoch": trainer.data.epochs_done,
-                  "lr": trainer.last_lr, "replay_coeff": float(trainer.penalty.coeff), **means,
+                  "lr": trainer.last_lr, **coeff_fields(trainer.penalty), **means,
                   "tokens_per_s": (st.step - start_step) * trainer.tokens_per_step / (now - start)
                   if now > start and st.step > start_step else None}
-        if trainer.penalty.budget is not None:
-            record["replay_kl_smoothed"] = float(trainer.penalty.budget.smoothed_kl)
         logger.log(record)
     st.log_sums, st.steps_since_log = {}, 0
     trainer.window_start = (now, st.step)

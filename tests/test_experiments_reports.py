@@ -4,7 +4,8 @@ import pytest
 
 from conftest import one_line_error
 from selfreplay.errors import SelfReplayError
-from selfreplay.experiments.reports import _frontier, _frontier_gap, experiment_plot, experiment_report
+from selfreplay.experiments.capacity import frontier_gap, pareto_frontier
+from selfreplay.experiments.reports import experiment_plot, experiment_report
 from selfreplay.experiments.results import at_target, collect_results, finetune_point
 from selfreplay.experiments.sweep import load_experiment, run_sweep
 from test_experiments_sweep import TINY_MODEL, write_yaml
@@ -24,10 +25,12 @@ def test_at_target_interpolates_between_evaluations():
 
 def test_frontier_is_the_pareto_set():
     pts = [(2.7, 3.8), (2.8, 3.2), (2.9, 3.3), (3.0, 3.0), (3.5, 2.9)]
-    front = _frontier(pts)
+    front = pareto_frontier(pts)
     assert front == [(2.7, 3.8), (2.8, 3.2), (3.0, 3.0), (3.5, 2.9)]
-    assert _frontier_gap(front, 2.9, 3.0) == pytest.approx(-0.1)  # below the line from (2.8,3.2) to (3.0,3.0)
-    assert _frontier_gap(front, 4.0, 3.0) is None
+    assert frontier_gap(front, 2.9, 3.0) == pytest.approx(-0.1)  # below the line from (2.8,3.2) to (3.0,3.0)
+    assert frontier_gap(front, 4.0, 3.0) == pytest.approx(0.1)  # right of the curve: against its English end
+    assert frontier_gap(front, 2.6, 3.7) == pytest.approx(-0.1)  # left of it and lower: dominates its Spanish end
+    assert frontier_gap([], 3.0, 3.0) is None
 
 
 def test_tiny_method_comparison_report_and_plot(corpora, tmp_path):

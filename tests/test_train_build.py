@@ -82,6 +82,19 @@ def test_an_unknown_teacher_split_is_refused(teacher_run, tmp_path):
     one_line_error(e, "eval.prev", "split is unknown")
 
 
+def test_a_mixture_pretraining_measures_its_mix_corpus_on_its_own_held_out_rows(teacher_run, tmp_path):
+    """Pretraining on English with Spanish rows mixed in, eval.prev=Spanish: the Spanish loss is read on exactly
+    the Spanish rows the mixture held out (the capacity frontier's Spanish axis), never on rows it trains on."""
+    root, en, es = teacher_run
+    cfg = _cfg(run_dir=tmp_path / "mix", **{"data.train": en, "data.mix": es, "data.mix_fraction": 0.25,
+                                            "eval.prev": es, "data.valid_tokens": 500, "data.seed": 5,
+                                            "stop.steps": 2, **TINY})
+    cfg, kind, info = prepare(cfg, PRETRAIN)
+    parts = build_parts(cfg, kind, PRETRAIN, info.device)
+    mix_held_out = CorpusLoader(Corpus.open(es), 16, 4, valid_tokens=500, seed=5).valid_indices
+    assert np.array_equal(parts.prev.valid_indices, mix_held_out)
+
+
 def test_a_moved_corpus_is_recognised_by_its_identity(teacher_run, tmp_path):
     """The split follows the corpus, not its path: a copied corpus keeps the teacher's held-out rows."""
     import shutil

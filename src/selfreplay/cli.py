@@ -359,7 +359,7 @@ def demo(out_dir, full, method, source, seed, device, steps_per_task, eval_every
 # ---------------------------------------------------------------------------- experiment sweeps
 @cli.command()
 @click.argument("experiment")
-@click.option("--scale", type=click.Choice(["cpu", "gpu", "paper"]), default="cpu", show_default=True,
+@click.option("--scale", type=click.Choice(["cpu", "gpu", "paper", "smoke"]), default="cpu", show_default=True,
               help="preset of the experiment file")
 @click.option("--workers", type=int, default=None, help="parallel runs (default: the number of CPU cores)")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per run")
@@ -410,7 +410,7 @@ def sweep(experiment, scale, workers, threads, stages, runs_dir, dry_run, show_s
 
 @cli.command()
 @click.argument("experiment")
-@click.option("--scale", type=click.Choice(["cpu", "gpu", "paper"]), default="cpu", show_default=True)
+@click.option("--scale", type=click.Choice(["cpu", "gpu", "paper", "smoke"]), default="cpu", show_default=True)
 @click.option("--runs-dir", default="runs", show_default=True)
 def report(experiment, scale, runs_dir) -> None:
     """Print an experiment's table (ours beside the paper's numbers) from its run directories."""
@@ -421,7 +421,7 @@ def report(experiment, scale, runs_dir) -> None:
 
 @cli.command()
 @click.argument("experiment")
-@click.option("--scale", type=click.Choice(["cpu", "gpu", "paper"]), default="cpu", show_default=True)
+@click.option("--scale", type=click.Choice(["cpu", "gpu", "paper", "smoke"]), default="cpu", show_default=True)
 @click.option("--runs-dir", default="runs", show_default=True)
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="PNG to write (default: RUNS_DIR/<name>/<scale>/<name>.png)")
@@ -434,8 +434,10 @@ def plot(experiment, scale, runs_dir, out) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: one-line errors and non-zero exit codes, never a traceback for bad input or bad luck."""
+    from selfreplay.allocator import keep_freed_memory
     from selfreplay.train.files import disk_full
 
+    keep_freed_memory()
     try:
         cli.main(args=argv, prog_name="selfreplay", standalone_mode=False)
     except SelfReplayError as e:

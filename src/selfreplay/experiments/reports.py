@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.experiments.results import (at_target, finetune_point, fmt, paper_loss, pyplot, results_of,
                                             save_png, status_line, table, target_of, write_results)
+from selfreplay.experiments.capacity import (capacity_frontier_plot, capacity_frontier_report, model_size_plot,
+                                             model_size_report, pretrain_length_plot, pretrain_length_report)
 from selfreplay.experiments.frontier import frontier_plot, frontier_report
 from selfreplay.experiments.sweep import Experiment, load_experiment
 
@@ -151,92 +153,6 @@ def high_lr_plot(exp: Experiment, out: Path) -> None:
     save_png(fig, out)
 
 
-# ---------------------------------------------------------------------------- best-coefficient slices (§5.5)
-def _best_by_group(exp: Experiment, group_label: Callable[[dict], Any], ft_stage: str = "finetune") -> list[dict]:
-    """Per upstream group: the pretrained model's English loss and the best finetune reaching the target."""
-    rows, trajs = results_of(exp)
-    target = target_of(rows, ft_stage)
-    by_key = {f"{r['stage']}/{r['run']}": r for r in rows}
-    groups: dict[str, dict] = {}
-    for r in rows:
-        if r["stage"] != ft_stage or (r["stage"], r["run"]) not in trajs:
-            continue
-        up = by_key.get(r["upstream"], {})
-        g = groups.setdefault(r["upstream"], {"label": group_label(up), "pre": up, "points": []})
-        g["points"].append((r, finetune_point(r, trajs[(r["stage"], r["run"])], target)))
-    out = []
-    for g in groups.values():
-        reached = [p for _, p in g["points"] if p["reached"]]
-        best = min(reached, key=lambda p: p["prev_loss"]) if reached else None
-        start = g["points"][0][1]["start"]
-        out.append({"label": g["label"], "params": g["pre"].get("params"), "start": start,
-                    "best": best["prev_loss"] if best else None, "forgetting": best["forgetting"] if best else None,
-                    "reached": len(reached), "runs": len(g["points"]), "target": target, "points": g["points"]})
-    return out
-
-
-def _slice_report(exp: Experiment, title: str, label: str, key: Callable[[dict], Any], paper_key: str,
-                  direction: str, increasing: bool) -> str:
-    groups = sorted(_best_by_group(exp, key), key=lambda g: g["label"])
-    paper = exp.paper.get(paper_key, {})
-    rows = [[g["label"], g["params"], g["start"], g["best"], g["forgetting"], f"{g['reached']}/{g['runs']}"]
-            for g in groups]
-    rows_all, _ = results_of(exp)
-    text = [f"{title} ({exp.scale}): best English loss among KL-coefficient runs reaching Spanish "
-            f"{fmt(groups[0]['target'] if groups else None)} — {status_line(rows_all)}",
-            table([label, "params", "English before", "best after FT", "forgetting", "reached target"],
-                  rows)]
-    if paper:
-        text += ["paper, in our loss convention:", table([label, "English before", "best after FT", "forgetting"], [
-            [k, paper_loss(v.get("before")), paper_loss(v.get("after")), paper_loss(v.get("forgetting"))]
-            for k, v in paper.items()])]
-    f = [g["forgetting"] for g in groups if g["forgetting"] is not None]
-    if len(f) >= 2:
-        ok = all(b <= a + 1e-9 for a, b in zip(f, f[1:])) if not increasing else \
-            all(b >= a - 1e-9 for a, b in zip(f, f[1:]))
-        text.append(f"paper's direction ({direction}): {'yes' if ok else 'no'} "
-                    f"(forgetting {' → '.join(fmt(x) for x in f)})")
-    return "\n".join(text)
-
-
-def model_size_report(exp: Experiment) -> str:
-    return _slice_report(exp, "model size", "d_model", lambda up: up.get("cfg.model.d_model"), "model_size",
-                         "larger models forget less", increasing=False)
-
-
-def pretrain_length_report(exp: Experiment) -> str:
-    return _slice_report(exp, "pretraining length", "tokens/param",
-                         lambda up: up.get("cfg.stop.tokens_per_param"), "pretrain_length",
-                         "longer pretraining forgets more", increasing=True)
-
-
-def _slice_plot(exp: Experiment, out: Path, key: Callable[[dict], Any], label: str, title: str) -> None:
-    plt = pyplot()
-    groups = sorted(_best_by_group(exp, key), key=lambda g: g["label"])
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    xs = list(range(len(groups)))
-    ax.plot(xs, [g["start"] for g in groups], "o-", color="tab:blue", label="before finetuning")
-    ax.plot(xs, [g["best"] for g in groups], "o-", color="tab:green", label="after finetuning (best coefficient)")
-    for x, g in zip(xs, groups):
-        for _, p in g["points"]:
-            ax.plot(x, p["prev_loss"], "x" if not p["reached"] else ".", color="red" if not p["reached"] else "grey")
-    ax.set_xticks(xs, [str(g["label"]) for g in groups])
-    ax.set_xlabel(label)
-    ax.set_ylabel("English loss")
-    ax.set_title(f"{title} ({exp.scale})")
-    ax.legend()
-    save_png(fig, out)
-
-
-def model_size_plot(exp: Experiment, out: Path) -> None:
-    _slice_plot(exp, out, lambda up: up.get("cfg.model.d_model"), "d_model", "Larger models forget less")
-
-
-def pretrain_length_plot(exp: Experiment, out: Path) -> None:
-    _slice_plot(exp, out, lambda up: up.get("cfg.stop.tokens_per_param"), "tokens per parameter",
-                "Longer pretraining increases forgetting")
-
-
 # ---------------------------------------------------------------------------- learning rates (§5.7)
 def learning_rate_report(exp: Experiment) -> str:
     rows, trajs = results_of(exp)
@@ -315,88 +231,6 @@ def learning_rate_plot(exp: Experiment, out: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     fig.suptitle(f"Learning rates ({exp.scale})")
-    save_png(fig, out)
-
-
-# ---------------------------------------------------------------------------- capacity frontier (§5.4)
-def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Pareto-optimal (Spanish, English) points (lower is better in both), sorted by Spanish loss."""
-    best, out = math.inf, []
-    for s, e in sorted(points):
-        if e < best:
-            out.append((s, e))
-            best = e
-    return out
-
-
-def _frontier_gap(frontier: list[tuple[float, float]], s: float, e: float) -> Optional[float]:
-    """English loss below (−) or above (+) the frontier's piecewise-linear curve at Spanish loss s."""
-    for (s0, e0), (s1, e1) in zip(frontier, frontier[1:]):
-        if s0 <= s <= s1:
-            return e - (e0 + (e1 - e0) * (s - s0) / (s1 - s0))
-    return None
-
-
-def capacity_frontier_data(exp: Experiment) -> dict:
-    rows, trajs = results_of(exp)
-    mixtures = [(r["prev_loss"], r["valid_loss"], r.get("grid.data.mix_fraction")) for r in rows
-                if r["stage"] == "mixtures" and r["status"] == "finished"]
-    frontier = _frontier([(s, e) for s, e, _ in mixtures if s is not None and e is not None])
-    finetunes = {}
-    for r in rows:
-        t = trajs.get((r["stage"], r["run"]))
-        if r["kind"] != "finetune" or not t:
-            continue
-        end = t[-1]
-        finetunes.setdefault(r["stage"], []).append(
-            {"coeff": r["cfg.replay.coeff"], "start": (t[0]["valid_loss"], t[0]["prev_loss"]),
-             "end": (end["valid_loss"], end["prev_loss"]), "trajectory": [(x["valid_loss"], x["prev_loss"]) for x in t],
-             "gap": _frontier_gap(frontier, end["valid_loss"], end["prev_loss"])})
-    return {"rows": rows, "mixtures": mixtures, "frontier": frontier, "finetunes": finetunes}
-
-
-def capacity_frontier_report(exp: Experiment) -> str:
-    d = capacity_frontier_data(exp)
-    text = [f"capacity frontier ({exp.scale}) — {status_line(d['rows'])}",
-            "pretraining mixtures (final losses; frontier = Pareto-optimal points):",
-            table(["Spanish fraction", "Spanish loss", "English loss", "on frontier"],
-                  [[f, s, e, "yes" if (s, e) in d["frontier"] else ""] for s, e, f in sorted(d["mixtures"],
-                                                                                            key=lambda m: m[2])])]
-    for stage, fts in d["finetunes"].items():
-        fts = sorted(fts, key=lambda x: x["coeff"])
-        text += [f"{stage}: start Spanish {fmt(fts[0]['start'][0])}, English {fmt(fts[0]['start'][1])}",
-                 table(["KL coeff", "Spanish end", "English end", "English − frontier (− = beyond it)"],
-                       [[f["coeff"], f["end"][0], f["end"][1], f["gap"]] for f in fts])]
-        gaps = [f["gap"] for f in fts if f["gap"] is not None]
-        if gaps:
-            text.append(f"{stage}: most beyond the frontier by {-min(gaps):.3f} nats"
-                        if min(gaps) < 0 else f"{stage}: no run crosses the frontier (closest {min(gaps):+.3f})")
-    paper = exp.paper
-    if paper:
-        text.append("paper: overtrained (17K TPP) runs all end on the frontier (none crosses); the 20-TPP model "
-                    "reaches near-frontier Spanish with ≈+0.06 nats of English loss")
-    return "\n".join(text)
-
-
-def capacity_frontier_plot(exp: Experiment, out: Path) -> None:
-    plt = pyplot()
-    d = capacity_frontier_data(exp)
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    if d["mixtures"]:
-        ax.scatter([m[0] for m in d["mixtures"]], [m[1] for m in d["mixtures"]], color="black", s=12,
-                   label="pretraining mixtures")
-        ax.plot(*zip(*d["frontier"]), "k--", label="frontier")
-    cmaps = {0: "Blues", 1: "Oranges", 2: "Greens"}
-    for i, (stage, fts) in enumerate(d["finetunes"].items()):
-        cmap = plt.get_cmap(cmaps.get(i, "Greys"))
-        fts = sorted(fts, key=lambda x: x["coeff"])
-        for j, f in enumerate(fts):
-            ax.plot(*zip(*f["trajectory"]), color=cmap(0.4 + 0.6 * j / max(1, len(fts) - 1)), lw=1,
-                    label=f"{stage} c={f['coeff']:g}" if j in (0, len(fts) - 1) else None)
-    ax.set_xlabel("Spanish loss")
-    ax.set_ylabel("English loss")
-    ax.set_title(f"Capacity frontier ({exp.scale})")
-    ax.legend(fontsize=7)
     save_png(fig, out)
 
 

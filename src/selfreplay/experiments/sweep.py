@@ -69,7 +69,7 @@ from typing import Any, Callable, Optional
 
 from selfreplay.errors import SelfReplayError
 
-SCALES = ("cpu", "gpu", "paper")
+SCALES = ("cpu", "gpu", "paper", "smoke")
 STAGE_KEYS = {"kind", "base", "grid", "from", "select", "variants"}
 TOP_KEYS = {"name", "description", "prepare", "common", "stages", "scales", "paper", "report", "launcher"}
 IGNORED_WHEN_COMPARING = ("log", "run_dir")

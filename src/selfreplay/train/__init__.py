@@ -74,9 +74,11 @@ def _refuse_foreign_run_dir(cfg: TrainConfig, rank: int, resume: bool) -> None:
 def train(cfg: TrainConfig, command: str = PRETRAIN, resume: bool = False,
           on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Run a pretraining or finetuning job (in every rank under torchrun); returns the final summary."""
+    from selfreplay.allocator import keep_freed_memory
     from selfreplay.train.build import build_parts
     from selfreplay.train.loop import Trainer
 
+    keep_freed_memory()  # sweep workers, SLURM and Ray jobs enter here, not through the CLI
     cfg, kind, info = prepare(cfg, command)
     _refuse_foreign_run_dir(cfg, info.rank, resume)
     parts = build_parts(cfg, kind, command, info.device, info.rank, info.world_size)

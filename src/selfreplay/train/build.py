@@ -74,7 +74,7 @@ def build_parts(cfg: TrainConfig, kind: str, command: str, device: torch.device,
     replaced = replaced_rows(r.method, r.fraction, cfg.data.batch_size)
     data_rows, replay_rows = cfg.data.batch_size - replaced, replaced or r.batch_size
     if kind == "gpt":
-        data, prev = _corpora(cfg, model, teacher_info, data_rows, replay_rows, info)
+        data, prev = _corpora(cfg, model, teacher_info, data_rows, replay_rows, info, finetune)
     else:
         data, prev = _records(cfg, tokenizer, data_rows, replay_rows, info)
     parts = Parts(model, data, None, teacher, prev, [], tokenizer, info, init_params, pad_id)
@@ -177,7 +177,8 @@ def _corpus_record(corpus, split: tuple[int, int]) -> dict:
             "tokenizer": corpus.meta.tokenizer}
 
 
-def _corpora(cfg: TrainConfig, model: CausalLM, teacher_info: dict, rows: int, replay_rows: int, info: dict):
+def _corpora(cfg: TrainConfig, model: CausalLM, teacher_info: dict, rows: int, replay_rows: int, info: dict,
+             finetune: bool):
     from selfreplay.data.corpus import Corpus
     from selfreplay.data.loader import CorpusLoader
 
@@ -200,8 +201,9 @@ def _corpora(cfg: TrainConfig, model: CausalLM, teacher_info: dict, rows: int, r
             raise SelfReplayError(f"the teacher's corpus {prev_path} (recorded in {cfg.model.model_name_or_path}/"
                                   f"run.json) is missing; pass eval.prev=<corpus dir>")
         prev_corpus = Corpus.open(prev_path, vocab_size=vocab, tokenizer_fingerprint=corpus.meta.tokenizer_fingerprint)
-        prev_split = _teacher_split(prev_corpus, teacher_info)
-        if prev_split is None and not teacher_info.get("train_corpus"):
+        # finetuning: the teacher's held-out part; pretraining (e.g. on a mixture): this run's own held-out part
+        prev_split = _teacher_split(prev_corpus, teacher_info if finetune else info)
+        if prev_split is None and finetune and not teacher_info.get("train_corpus"):
             raise SelfReplayError(f"eval.prev={prev_path}: the teacher's run.json records no training corpus, so its "
                                   f"held-out split is unknown; finetune a model trained by selfreplay")
         prev_split = prev_split or (cfg.data.valid_tokens, cfg.data.seed)

@@ -1,0 +1,336 @@
+"""The paper's capacity findings (§5.4 frontier, §5.5a model size, §5.5b pretraining length): tables, verdicts
+and figures from a sweep's run directories.
+
+A capacity finding only means something where the models the paper calls saturated are near capacity here too,
+so every table shows each pretrained model's tokens per parameter (the paper's parameter count) and how much its
+English loss still fell over its last doubling of tokens (:func:`saturation`); a verdict names the finding as
+reproduced only where that gain is at most ``FLATTENING_GAIN``. The verdicts test the issue's expectations: best
+forgetting falls ≥ 5× from the smallest to the largest width; it rises ≥ 3× from the shortest to the longest
+pretraining, from ≤ 0.02 nats; every overtrained finetune ends within 0.03 nats of the mixtures' frontier.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from selfreplay.experiments.results import (finetune_point, fmt, paper_loss, pyplot, results_of, save_png,
+                                            status_line, table, target_of)
+from selfreplay.experiments.sweep import Experiment
+
+FLATTENING_GAIN = 0.1  # nats of loss over the last doubling of tokens: at most this is "near capacity"
+SIZE_FALL = 5.0  # model size: best forgetting of the smallest width / that of the largest
+LENGTH_RISE, LENGTH_START = 3.0, 0.02  # pretraining length: longest / shortest, and the shortest at most this
+FRONTIER_TOLERANCE = 0.03  # nats between an overtrained finetune's endpoint and the frontier
+SHORT_ENGLISH_RISE = 0.1  # the 20-TPP model's English loss may rise at most this much
+
+
+# ---------------------------------------------------------------------------- saturation
+def _loss_at(traj: list[dict], tokens: float, key: str) -> Optional[float]:
+    """``key`` at ``tokens``, interpolated linearly in log(tokens) between the two evaluations around it."""
+    points = [(r["tokens"], r[key]) for r in traj if r.get(key) is not None and r.get("tokens")]
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if t0 <= tokens <= t1:
+            w = math.log(tokens / t0) / math.log(t1 / t0) if t1 > t0 else 1.0
+            return v0 + w * (v1 - v0)
+    return None
+
+
+def saturation(row: dict, traj: list[dict], key: str = "valid_loss") -> dict:
+    """A pretrained model's tokens per parameter and the fall of its loss over its last doubling of tokens (None
+    when no evaluation lies at or before half its tokens). Under a cosine schedule the half-way loss is read from
+    the same run, before its learning rate decayed: an upper bound on what a run half as long would gain."""
+    tokens = traj[-1].get("tokens") if traj else None
+    params = row.get("params")
+    half = _loss_at(traj, tokens / 2, key) if tokens else None
+    end = traj[-1].get(key) if traj else None
+    return {"tpp": tokens / float(params) if tokens and params else None,
+            "gain": half - end if half is not None and end is not None else None}
+
+
+def _flattening(gain: Optional[float]) -> str:
+    if gain is None:
+        return "unknown (no evaluation at half its tokens)"
+    return f"{'flattening' if gain <= FLATTENING_GAIN else 'NOT flattening'} ({gain:.3f} nats over its last doubling)"
+
+
+# ---------------------------------------------------------------------------- best coefficient per model (§5.5)
+def best_by_group(exp: Experiment, group_label: Callable[[dict], Any], ft_stage: str = "finetune") -> list[dict]:
+    """Per pretrained model: its saturation, and the finetune with the least forgetting among those reaching the
+    Spanish target (with the coefficients that did not reach it)."""
+    rows, trajs = results_of(exp)
+    target = target_of(rows, ft_stage)
+    by_key = {f"{r['stage']}/{r['run']}": r for r in rows}
+    groups: dict[str, dict] = {}
+    for r in rows:
+        if r["stage"] != ft_stage or (r["stage"], r["run"]) not in trajs:
+            continue
+        up = by_key.get(r["upstream"], {})
+        g = groups.setdefault(r["upstream"], {"label": group_label(up), "pre": up, "points": []})
+        g["points"].append((r, finetune_point(r, trajs[(r["stage"], r["run"])], target)))
+    out = []
+    for upstream, g in groups.items():
+        reached = [(r, p) for r, p in g["points"] if p["reached"]]
+        best_row, best = min(reached, key=lambda rp: rp[1]["prev_loss"]) if reached else (None, None)
+        pre = g["pre"]
+        sat = saturation(pre, trajs.get((pre.get("stage"), pre.get("run")), []))
+        out.append({"label": g["label"], "params": pre.get("params"), "start": g["points"][0][1]["start"],
+                    "best": best["prev_loss"] if best else None, "forgetting": best["forgetting"] if best else None,
+                    "best_coeff": _coeff(best_row) if best_row else None,
+                    "failed": [_coeff(r) for r, p in g["points"] if not p["reached"]],
+                    "reached": len(reached), "runs": len(g["points"]), "target": target, "points": g["points"],
+                    **sat})
+    return out
+
+
+def _coeff(row: dict) -> Optional[float]:
+    c = row.get("cfg.replay.coeff")
+    return float(c) if c is not None else None
+
+
+def _ratio(big: Optional[float], small: Optional[float]) -> Optional[float]:
+    """big / small for forgetting values (a small value at or below zero: infinitely many times)."""
+    if big is None or small is None:
+        return None
+    return math.inf if small <= 0 else big / small
+
+
+def _verdict_size(groups: list[dict]) -> str:
+    if len(groups) < 2 or groups[0]["forgetting"] is None or groups[-1]["forgetting"] is None:
+        return "verdict: not enough finished widths reached the target"
+    small, large = groups[0], groups[-1]
+    ratio = _ratio(small["forgetting"], large["forgetting"])
+    found = ratio is not None and ratio >= SIZE_FALL and small["forgetting"] > LENGTH_START
+    sat = small["gain"] is not None and small["gain"] <= FLATTENING_GAIN
+    what = "reproduced" if found and sat else ("not shown (the smallest width is not near capacity)" if not sat
+                                              else "NOT reproduced")
+    return (f"verdict: {what} — best forgetting {fmt(small['forgetting'])} (width {small['label']}) → "
+            f"{fmt(large['forgetting'])} (width {large['label']}), {_times(ratio)} lower (paper: 0.26 → 0.005, "
+            f"52×; expected ≥ {SIZE_FALL:g}×); smallest width {_flattening(small['gain'])}")
+
+
+def _verdict_length(groups: list[dict]) -> str:
+    if len(groups) < 2 or groups[0]["forgetting"] is None or groups[-1]["forgetting"] is None:
+        return "verdict: not enough finished lengths reached the target"
+    short, long_ = groups[0], groups[-1]
+    ratio = _ratio(long_["forgetting"], max(short["forgetting"], 0.0))
+    found = ratio is not None and ratio >= LENGTH_RISE and short["forgetting"] <= LENGTH_START
+    sat = long_["gain"] is not None and long_["gain"] <= FLATTENING_GAIN
+    what = "reproduced" if found and sat else ("not shown (the longest run is not near capacity)" if not sat
+                                              else "NOT reproduced")
+    return (f"verdict: {what} — best forgetting {fmt(short['forgetting'])} at {fmt(short['tpp'], 0)} TPP → "
+            f"{fmt(long_['forgetting'])} at {fmt(long_['tpp'], 0)} TPP, {_times(ratio)} higher (paper: ≈ 0 → 0.18; "
+            f"expected ≥ {LENGTH_RISE:g}× from ≤ {LENGTH_START}); longest run {_flattening(long_['gain'])}")
+
+
+def _times(ratio: Optional[float]) -> str:
+    return "—" if ratio is None else ("∞×" if math.isinf(ratio) else f"{ratio:.1f}×")
+
+
+def _slice_report(exp: Experiment, title: str, label: str, key: Callable[[dict], Any], paper_key: str,
+                  verdict: Callable[[list[dict]], str]) -> str:
+    groups = sorted(best_by_group(exp, key), key=lambda g: float(g["label"]))
+    paper = exp.paper.get(paper_key, {})
+    rows = [[f"{float(g['label']):g}", g["params"], g["tpp"], g["gain"], g["start"], g["best"], g["forgetting"],
+             f"{g['best_coeff']:g}" if g["best_coeff"] is not None else None, f"{g['reached']}/{g['runs']}", " ".join(f"{c:g}" for c in g["failed"]) or "—"]
+            for g in groups]
+    rows_all, _ = results_of(exp)
+    text = [f"{title} ({exp.scale}): best English loss among KL-coefficient runs reaching Spanish "
+            f"{fmt(groups[0]['target'] if groups else None)} — {status_line(rows_all)}",
+            table([label, "params", "tokens/param", "gain last 2×", "English before", "best after FT", "forgetting",
+                   "best coeff", "reached", "× (missed target)"], rows)]
+    if paper:
+        text += ["paper, in our loss convention:", table([label, "English before", "best after FT", "forgetting"], [
+            [k, paper_loss(v.get("before")), paper_loss(v.get("after")), paper_loss(v.get("forgetting"))]
+            for k, v in paper.items()])]
+    text.append(verdict(groups))
+    return "\n".join(text)
+
+
+def model_size_report(exp: Experiment) -> str:
+    return _slice_report(exp, "model size", "d_model", lambda up: up.get("cfg.model.d_model"), "model_size",
+                         _verdict_size)
+
+
+def pretrain_length_report(exp: Experiment) -> str:
+    return _slice_report(exp, "pretraining length", "length (TPP)", lambda up: up.get("cfg.stop.tokens_per_param"),
+                         "pretrain_length", _verdict_length)
+
+
+def _slice_plot(exp: Experiment, out: Path, key: Callable[[dict], Any], label: str, title: str,
+                paper_key: str, log_x: bool) -> None:
+    plt = pyplot()
+    groups = sorted(best_by_group(exp, key), key=lambda g: float(g["label"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = [float(g["label"]) for g in groups]
+    ax.plot(xs, [g["forgetting"] if g["forgetting"] is not None else math.nan for g in groups], "o-",
+            color="tab:green", label="ours: least forgetting at the Spanish target")
+    for x, g in zip(xs, groups):
+        for _, p in g["points"]:
+            if not p["reached"]:
+                ax.plot(x, p["forgetting"], "x", color="red", ms=7)
+            else:
+                ax.plot(x, p["forgetting"], ".", color="grey")
+    ax.plot([], [], "x", color="red", label="coefficient that missed the target")
+    ax.plot([], [], ".", color="grey", label="other coefficients")
+    ax.axhline(0, color="black", lw=0.5)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_xlabel(label)
+    ax.set_ylabel("English forgetting (nats)")
+    ax.set_title(f"{title} ({exp.scale})")
+    paper = exp.paper.get(paper_key, {})
+    if paper:
+        ax.text(0.02, 0.98, "paper: " + ", ".join(f"{k}: {paper_loss(v.get('forgetting')):.3f}"
+                                                    for k, v in paper.items()),
+                transform=ax.transAxes, fontsize=6, va="top", wrap=True)
+    ax.legend(fontsize=7, loc="lower right")
+    save_png(fig, out)
+
+
+def model_size_plot(exp: Experiment, out: Path) -> None:
+    _slice_plot(exp, out, lambda up: up.get("cfg.model.d_model"), "d_model (width)", "Larger models forget less",
+                "model_size", log_x=False)
+
+
+def pretrain_length_plot(exp: Experiment, out: Path) -> None:
+    _slice_plot(exp, out, lambda up: up.get("cfg.stop.tokens_per_param"), "pretraining tokens per parameter",
+                "Longer pretraining forgets more", "pretrain_length", log_x=True)
+
+
+# ---------------------------------------------------------------------------- capacity frontier (§5.4)
+def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Pareto-optimal (Spanish, English) points (lower is better in both), sorted by Spanish loss."""
+    best, out = math.inf, []
+    for s, e in sorted(points):
+        if e < best:
+            out.append((s, e))
+            best = e
+    return out
+
+
+def frontier_gap(frontier: list[tuple[float, float]], s: float, e: float) -> Optional[float]:
+    """English loss above (+) or below (−, beyond the frontier) the frontier's piecewise-linear curve at Spanish
+    loss ``s``; outside the curve's Spanish range, against its nearest end (a point left of the most-Spanish
+    mixture and no higher in English dominates it)."""
+    if not frontier:
+        return None
+    if s <= frontier[0][0]:
+        return e - frontier[0][1]
+    if s >= frontier[-1][0]:
+        return e - frontier[-1][1]
+    for (s0, e0), (s1, e1) in zip(frontier, frontier[1:]):
+        if s0 <= s <= s1:
+            return e - (e0 + (e1 - e0) * (s - s0) / (s1 - s0))
+    return None
+
+
+def capacity_frontier_data(exp: Experiment) -> dict:
+    rows, trajs = results_of(exp)
+    mixtures = []
+    for r in rows:
+        t = trajs.get((r["stage"], r["run"]))
+        if r["stage"] != "mixtures" or not t:
+            continue
+        mixtures.append({"fraction": r.get("cfg.data.mix_fraction"), "spanish": t[-1].get("prev_loss"),
+                         "english": t[-1].get("valid_loss"), **saturation(r, t)})
+    frontier = pareto_frontier([(m["spanish"], m["english"]) for m in mixtures
+                                if m["spanish"] is not None and m["english"] is not None])
+    finetunes: dict[str, list[dict]] = {}
+    for r in rows:
+        t = trajs.get((r["stage"], r["run"]))
+        if r["kind"] != "finetune" or not t:
+            continue
+        end = t[-1]
+        finetunes.setdefault(r["stage"], []).append(
+            {"coeff": _coeff(r), "start": (t[0]["valid_loss"], t[0]["prev_loss"]),
+             "end": (end["valid_loss"], end["prev_loss"]), "trajectory": [(x["valid_loss"], x["prev_loss"]) for x in t],
+             "gap": frontier_gap(frontier, end["valid_loss"], end["prev_loss"])})
+    for fts in finetunes.values():
+        fts.sort(key=lambda f: f["coeff"])
+    return {"rows": rows, "mixtures": sorted(mixtures, key=lambda m: m["fraction"]), "frontier": frontier,
+            "finetunes": finetunes}
+
+
+def _frontier_verdict(d: dict) -> list[str]:
+    lines = []
+    sat = d["finetunes"].get("ft_saturated", [])
+    most_english = d["mixtures"][0] if d["mixtures"] else None
+    if sat and most_english:
+        gaps = [f["gap"] for f in sat if f["gap"] is not None]
+        on = bool(gaps) and all(abs(g) <= FRONTIER_TOLERANCE for g in gaps)
+        crosses = bool(gaps) and min(gaps) < -FRONTIER_TOLERANCE
+        flat = most_english["gain"] is not None and most_english["gain"] <= FLATTENING_GAIN
+        what = ("reproduced" if on and flat else "not shown (the mixtures are not near capacity)" if not flat
+                else "crossed" if crosses else "partly: none crosses, but not every endpoint reaches the frontier")
+        lines.append(f"verdict (overtrained): {what} — endpoints {', '.join(f'{g:+.3f}' for g in gaps)} nats from "
+                     f"the frontier (expected within ±{FRONTIER_TOLERANCE}); the most-English mixture "
+                     f"{_flattening(most_english['gain'])} at {fmt(most_english['tpp'], 0)} TPP")
+    short = d["finetunes"].get("ft_short", [])
+    if short:
+        rise = min(f["end"][1] - f["start"][1] for f in short)
+        best = min(short, key=lambda f: f["end"][1] - f["start"][1])
+        ok = rise <= SHORT_ENGLISH_RISE
+        gap = f", {best['gap']:+.3f} from the frontier" if best["gap"] is not None else ""
+        lines.append(f"verdict (20 TPP): {'reproduced' if ok else 'NOT reproduced'} — with KL {best['coeff']:g} "
+                     f"Spanish {best['start'][0]:.3f} → {best['end'][0]:.3f} for {rise:+.3f} nats of English "
+                     f"(expected ≤ +{SHORT_ENGLISH_RISE}; paper ≈ +0.06){gap}")
+    return lines
+
+
+def capacity_frontier_report(exp: Experiment) -> str:
+    d = capacity_frontier_data(exp)
+    text = [f"capacity frontier ({exp.scale}) — {status_line(d['rows'])}",
+            "pretraining mixtures (final losses; frontier = Pareto-optimal points):",
+            table(["Spanish fraction", "tokens/param", "gain last 2×", "Spanish loss", "English loss", "on frontier"],
+                  [[f"{m['fraction']:g}", m["tpp"], m["gain"], m["spanish"], m["english"],
+                    "yes" if (m["spanish"], m["english"]) in d["frontier"] else ""] for m in d["mixtures"]])]
+    for stage, fts in d["finetunes"].items():
+        text += [f"{stage}: start Spanish {fmt(fts[0]['start'][0])}, English {fmt(fts[0]['start'][1])}",
+                 table(["KL coeff", "Spanish end", "English end", "English − frontier (− = beyond it)"],
+                       [[f["coeff"], f["end"][0], f["end"][1], f["gap"]] for f in fts])]
+    if exp.paper:
+        text.append("paper: overtrained (17K TPP) runs all end on the frontier (none crosses); the 20-TPP model "
+                    "reaches near-frontier Spanish with ≈ +0.06 nats of English loss")
+    text += _frontier_verdict(d)
+    return "\n".join(text)
+
+
+def capacity_frontier_plot(exp: Experiment, out: Path) -> None:
+    """Figure 1's layout: the mixtures' endpoints, the frontier, the hatched region no model reached, and the
+    finetuning trajectories (a marker at each end)."""
+    plt = pyplot()
+    d = capacity_frontier_data(exp)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    points = [(m["spanish"], m["english"]) for m in d["mixtures"] if m["spanish"] is not None]
+    trajectories = [p for fts in d["finetunes"].values() for f in fts for p in f["trajectory"]]
+    everything = points + trajectories
+    if everything:
+        s_lo, s_hi = min(p[0] for p in everything), max(p[0] for p in everything)
+        e_lo, e_hi = min(p[1] for p in everything), max(p[1] for p in everything)
+        pad_s, pad_e = 0.05 * (s_hi - s_lo or 1), 0.05 * (e_hi - e_lo or 1)
+        ax.set_xlim(s_lo - pad_s, s_hi + pad_s)
+        ax.set_ylim(e_lo - pad_e, e_hi + pad_e)
+    if d["frontier"]:
+        fs, fe = zip(*d["frontier"])
+        xs = [ax.get_xlim()[0], *fs, ax.get_xlim()[1]]
+        ys = [fe[0], *fe, fe[-1]]
+        ax.fill_between(xs, [ax.get_ylim()[0]] * len(xs), ys, step=None, facecolor="none", hatch="///",
+                        edgecolor="lightgrey", lw=0, label="inaccessible (beyond the frontier)")
+        ax.plot(xs, ys, "k--", lw=1, label="frontier")
+    if points:
+        ax.scatter(*zip(*points), color="black", s=14, zorder=3, label="pretraining mixtures")
+    for i, (stage, fts) in enumerate(d["finetunes"].items()):
+        cmap = plt.get_cmap(["Blues", "Oranges", "Greens"][i % 3])
+        for j, f in enumerate(fts):
+            color = cmap(0.45 + 0.55 * j / max(1, len(fts) - 1))
+            ax.plot(*zip(*f["trajectory"]), color=color, lw=1.2, label=f"{stage} KL {f['coeff']:g}")
+            ax.plot(*f["end"], "o", color=color, ms=4, zorder=4)
+        ax.plot(*fts[0]["start"], "*", color=cmap(0.9), ms=10, zorder=4)
+    ax.set_xlabel("Spanish loss (new)")
+    ax.set_ylabel("English loss (old)")
+    ax.set_title(f"Capacity frontier ({exp.scale})")
+    ax.legend(fontsize=6, loc="upper right")
+    save_png(fig, out)

@@ -91,6 +91,28 @@ def test_score_restores_the_training_mode_and_splits_rows_over_ranks():
     assert odd["loss"] != pytest.approx(whole["loss"], rel=1e-6)
 
 
+class _RecordingShapes(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.shapes = inner, []
+
+    def forward(self, input_ids, *args, **kwargs):
+        self.shapes.append(tuple(input_ids.shape))
+        return self.inner(input_ids, *args, **kwargs)
+
+
+def test_score_fills_a_ragged_last_batch_with_rows_that_count_for_nothing():
+    """Every forward (the model's, the teacher's) gets the first batch's rows: a compiled model sees one shape."""
+    model, teacher, batches = _models()  # 3 rows, then 2
+    recording, teacher_recording = _RecordingShapes(model), _RecordingShapes(teacher.module)
+    got = score(recording, batches, Teacher(teacher_recording))
+    assert recording.shapes == teacher_recording.shapes == [(3, 8), (3, 8)]
+    _assert_matches(got, _by_hand(model, teacher, batches))
+    even = score(recording, batches, teacher, rank=0, world=2)  # rank 0: rows 0 and 2, then row 0 and a filler
+    assert recording.shapes[2:] == [(2, 8), (2, 8)]
+    _assert_matches(even, _by_hand(model, teacher, [b.rows(slice(0, None, 2)) for b in batches]))
+
+
 def test_score_without_target_tokens_is_a_one_line_error():
     model, _, batches = _models()
     with pytest.raises(SelfReplayError, match="no held-out target tokens") as e:

@@ -43,7 +43,7 @@ def test_compiled_step_equals_eager_and_never_recompiles(setup):
     """torch.compile (inductor on the CPU): the first loss equals eager's within 1e-5 (later ones drift apart a
     little: AdamW's normalisation turns rounding in tiny gradients into full-size updates), and after the first
     step and evaluation there is no further compilation (a finetune compiles at most: the training forward, the
-    evaluation forward (+1 for a smaller last batch), the teacher's forward)."""
+    evaluation forward, the teacher's forward (+1 when replay and evaluation batches differ in size))."""
     from torch._dynamo.utils import counters
 
     root, es = setup

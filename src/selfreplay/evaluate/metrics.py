@@ -68,8 +68,10 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
     """Loss, second-half loss, accuracy (and with a teacher: its loss and KL) over every target token.
 
     ``batches`` are global batches; each rank scores rows rank, rank+world, ... and the sums are added over ranks
-    (every rank makes the same number of forward calls, as FSDP's collectives need). ``should_stop`` is asked
-    before each batch; when it says yes, :class:`EvaluationAbandoned` is raised (the result would be partial).
+    (every rank makes the same number of forward calls, as FSDP's collectives need). Every call has the first
+    call's number of rows: a smaller (last) share is filled with copies of a row that count for nothing, so a
+    compiled model sees one shape. ``should_stop`` is asked before each batch; when it says yes,
+    :class:`EvaluationAbandoned` is raised (the result would be partial).
     """
     from selfreplay.train.distributed import reduce_sum
 
@@ -77,16 +79,19 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
     total = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
+    rows = None  # the rows of every call
     try:
         for batch in batches:
             if should_stop is not None and should_stop():
                 raise EvaluationAbandoned
-            part = batch.rows(slice(rank, None, world)) if world > 1 else batch
-            weight = 1.0
-            if len(part) == 0:  # this rank's share of the last batch is empty: a weightless row
-                part, weight = batch.rows(slice(0, 1)), 0.0
-            part = part.to(device, non_blocking=True)
-            mask = part.mask() * weight
+            index = torch.arange(rank, len(batch), world)  # this rank's rows
+            counted = len(index)
+            rows = rows or max(counted, 1)
+            if counted < rows:  # a ragged last batch, or this rank's share of it: weightless copies of row 0
+                index = torch.cat((index, index.new_zeros(rows - counted)))
+            part = batch.rows(index).to(device, non_blocking=True)
+            mask = part.mask()
+            mask[counted:] = 0.0
             with autocast():
                 t_out, t_head = None, None
                 if teacher is not None and chunk_size is None:

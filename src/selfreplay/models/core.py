@@ -97,6 +97,11 @@ def causal_lm(model: nn.Module) -> CausalLM:
     return inner
 
 
+def _hidden_and_head(hidden: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, nn.Module]:
+    """A ``head_fn`` returning what it is given (one function object: a compiled forward is not re-guarded)."""
+    return hidden, head
+
+
 class Teacher:
     """The frozen reference model (the model before finetuning) of the replay penalty and of self-replay.
 
@@ -108,7 +113,7 @@ class Teacher:
     def __init__(self, module: CausalLM, shares_weights: bool = False):
         self.module = module
         self.shares_weights = shares_weights
-        self.forward_module: nn.Module = module
+        self.forward_module: Callable = module  # or, compiled, its own CompiledForward (train.optim)
 
     @classmethod
     def frozen_copy(cls, model: CausalLM, dtype: Optional[torch.dtype] = None, device=None) -> "Teacher":
@@ -162,7 +167,7 @@ class Teacher:
         With LoRA under FSDP2 call the head from inside the student's forward (a ``head_fn``), where the shared
         weights are gathered.
         """
-        hidden, head = self(tokens, attention_mask, position_ids, head_fn=lambda h, head_: (h, head_))
+        hidden, head = self(tokens, attention_mask, position_ids, head_fn=_hidden_and_head)
         if not self.shares_weights:
             return hidden, head
 

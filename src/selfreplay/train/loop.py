@@ -37,7 +37,8 @@ from selfreplay.train.files import RunLock, atomic_write, atomic_write_json
 from selfreplay.train.ownership import claim_run_dir
 from selfreplay.train import records
 from selfreplay.train.records import keep_if_best, log_training_window, promote_best, warn_schedule
-from selfreplay.train.optim import autocast_for, compile_on, lr_factor, make_optimizer, warmup_tokens_for
+from selfreplay.train.optim import (CompiledForward, autocast_for, compile_on, lr_factor, make_optimizer,
+                                    warmup_tokens_for)
 
 PROGRESS_EVERY = 25
 EARLY_LIVE_LOSS = (1, 2, 4, 8, 16)  # steps after a (re)start at which the live loss is shown before a full window
@@ -132,11 +133,12 @@ class Trainer:
             self.penalty.anchor.bind(self.model)
         if self.teacher is not None:
             self.teacher.use_forward_module(self.module)
-        self.forward = self.module
-        if compile_on(cfg, self.model, device):
-            self.forward = torch.compile(self.module)
+        self.forward = self.eval_forward = self.module
+        if compile_on(cfg, self.model, device):  # one compiled callable per role (see optim.CompiledForward)
+            self.forward = CompiledForward(self.module, "training")
+            self.eval_forward = CompiledForward(self.module, "evaluation")
             if self.teacher is not None and not self.teacher.shares_weights:
-                self.teacher.forward_module = torch.compile(self.teacher.module)
+                self.teacher.forward_module = CompiledForward(self.teacher.module, "teacher")
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:
             raise SelfReplayError("no trainable parameters (check lora.targets)")
@@ -211,7 +213,7 @@ class Trainer:
         return self.world == 1 and self.guard.received is not None
 
     def _score(self, loader, teacher):
-        return score(self.forward, loader.valid_batches(self.cfg.eval.batch_size, self.cfg.eval.max_tokens),
+        return score(self.eval_forward, loader.valid_batches(self.cfg.eval.batch_size, self.cfg.eval.max_tokens),
                      teacher, self.device, self.autocast, self.chunk_size, self.rank, self.world,
                      should_stop=self._signalled)
 

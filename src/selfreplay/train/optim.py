@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import math
+import os
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from selfreplay.config import TrainConfig
 
@@ -56,9 +60,66 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
     return contextlib.nullcontext
 
 
+log = logging.getLogger(__name__)
+COMPILE_BACKEND_ENV = "SELFREPLAY_COMPILE_BACKEND"  # internal: "eager" makes a cheap Dynamo-only compile (tests)
+WARM_UP_COMPILES = 2  # per role: the first compile, and one that makes a changed size dynamic
+
+
 def compile_on(cfg: TrainConfig, model, device: torch.device) -> bool:
     value = str(cfg.compile).lower()
     return value == "true" or (value == "auto" and device.type == "cuda" and model.kind == "gpt")
+
+
+def compile_backend() -> str:
+    """The torch.compile backend: inductor, unless $SELFREPLAY_COMPILE_BACKEND names another (tests use "eager")."""
+    return os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+
+
+class CompiledForward:
+    """One role's compiled forward of a module: the student's training forward, its evaluation forward (no grad,
+    eval mode), the teacher's forward (no grad).
+
+    Dynamo keeps compiled graphs per code object, so every ``torch.compile`` of a :class:`CausalLM` shares one cache
+    of ``CausalLM.forward`` and one recompile limit: roles that differ in grad mode, training flag, arguments or
+    module each add entries, and past the limit Dynamo silently runs eager. So each role has its own compiled
+    callable (its own cache where torch has ``isolate_recompiles``), its callers always pass the same keywords,
+    and evaluation pads a ragged last batch (:func:`~selfreplay.evaluate.metrics.score`). A role compiles once, or
+    twice when a size changes (the second graph has that size dynamic: the teacher sees replay rows and evaluation
+    rows; Dynamo remembers sizes per function, not per role, so the other roles' first graphs may have it dynamic
+    too); any further compile is logged as a warning. Module-like: ``train`` / ``eval`` / ``training`` act on the
+    module.
+    """
+
+    def __init__(self, module: nn.Module, role: str):
+        isolated = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(
+            torch.compile).parameters else {}
+        self.module, self.role = module, role
+        self.compiled = torch.compile(module, backend=compile_backend(), **isolated)
+        self.compiles = 0  # calls of this role that compiled (each frame of a graph-broken forward: still one)
+
+    def __call__(self, *args, **kwargs):
+        from torch._dynamo.utils import counters
+
+        before = counters["frames"]["total"]  # frames Dynamo compiled, or tried to, in this process
+        out = self.compiled(*args, **kwargs)
+        if counters["frames"]["total"] != before:
+            self.compiles += 1
+            if self.compiles > WARM_UP_COMPILES:
+                log.warning("torch.compile: the %s forward compiled again (%d calls compiled; shapes or arguments keep "
+                            "changing, and past torch._dynamo.config.recompile_limit it runs eager)", self.role,
+                            self.compiles)
+        return out
+
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    def train(self, mode: bool = True) -> "CompiledForward":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "CompiledForward":
+        return self.train(False)
 
 
 def make_optimizer(cfg: TrainConfig, params: list, device: torch.device) -> torch.optim.Optimizer:

@@ -105,3 +105,14 @@ def test_capacity_frontier_smoke_preset(raw_text):
     assert "ft_saturated: start" in text and "ft_short: start" in text
     verdicts = [line for line in text.splitlines() if line.startswith("verdict")]
     assert [v.split(":")[0] for v in verdicts] == ["verdict (overtrained)", "verdict (20 TPP)"]
+
+
+def test_size_length_grid_smoke_preset(raw_text):
+    exp, text, rows = _run_smoke("size_length_grid", raw_text)
+    assert sum(r["stage"] == "pretrain" for r in rows) == 4 and sum(r["stage"] == "finetune" for r in rows) == 8
+    loss = _table_rows(text, "d_model \\ TPP")
+    assert [r[0] for r in loss] == ["16", "32"]
+    pre = {(r["cfg.model.d_model"], r["cfg.stop.tokens_per_param"]): r for r in rows if r["stage"] == "pretrain"}
+    assert loss[0][1].split(" ")[0] == f"{pre[(16, 0.5)]['valid_loss']:.3f}"  # the cell is that model's loss
+    assert "forgetting, none:" in text and "forgetting, kl:" in text
+    assert text.splitlines()[-1].startswith("verdict: without regularisation")

@@ -128,12 +128,20 @@ def _times(ratio: Optional[float]) -> str:
     return "—" if ratio is None else ("∞×" if math.isinf(ratio) else f"{ratio:.1f}×")
 
 
+def _coeff_cell(g: dict) -> Optional[str]:
+    """The winning coefficient, flagged ⚑ when it is the grid's strongest (the optimum may lie beyond the grid)."""
+    if g["best_coeff"] is None:
+        return None
+    strongest = max(_coeff(r) for r, _ in g["points"])
+    return f"{g['best_coeff']:g}" + (" ⚑" if g["best_coeff"] == strongest else "")
+
+
 def _slice_report(exp: Experiment, title: str, label: str, key: Callable[[dict], Any], paper_key: str,
                   verdict: Callable[[list[dict]], str]) -> str:
     groups = sorted(best_by_group(exp, key), key=lambda g: float(g["label"]))
     paper = exp.paper.get(paper_key, {})
     rows = [[f"{float(g['label']):g}", g["params"], g["tpp"], g["gain"], g["start"], g["best"], g["forgetting"],
-             f"{g['best_coeff']:g}" if g["best_coeff"] is not None else None, f"{g['reached']}/{g['runs']}", " ".join(f"{c:g}" for c in g["failed"]) or "—"]
+             _coeff_cell(g), f"{g['reached']}/{g['runs']}", " ".join(f"{c:g}" for c in g["failed"]) or "—"]
             for g in groups]
     rows_all, _ = results_of(exp)
     text = [f"{title} ({exp.scale}): best English loss among KL-coefficient runs reaching Spanish "
@@ -144,6 +152,8 @@ def _slice_report(exp: Experiment, title: str, label: str, key: Callable[[dict],
         text += ["paper, in our loss convention:", table([label, "English before", "best after FT", "forgetting"], [
             [k, paper_loss(v.get("before")), paper_loss(v.get("after")), paper_loss(v.get("forgetting"))]
             for k, v in paper.items()])]
+    if any((_coeff_cell(g) or "").endswith("⚑") for g in groups):
+        text.append("⚑ the strongest coefficient of the grid won: that model's least forgetting may be lower still")
     text.append(verdict(groups))
     return "\n".join(text)
 
@@ -160,33 +170,49 @@ def pretrain_length_report(exp: Experiment) -> str:
 
 def _slice_plot(exp: Experiment, out: Path, key: Callable[[dict], Any], label: str, title: str,
                 paper_key: str, log_x: bool) -> None:
+    """Ours (least forgetting per model, every coefficient as a dot, a red × where it missed the target) beside
+    the paper's curve."""
     plt = pyplot()
     groups = sorted(best_by_group(exp, key), key=lambda g: float(g["label"]))
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    paper = exp.paper.get(paper_key, {})
+    fig, axes = plt.subplots(1, 2 if paper else 1, figsize=(10 if paper else 6.5, 4.5), squeeze=False)
+    ax = axes[0][0]
     xs = [float(g["label"]) for g in groups]
+    values = [p["forgetting"] for g in groups for _, p in g["points"] if p["forgetting"] is not None]
     ax.plot(xs, [g["forgetting"] if g["forgetting"] is not None else math.nan for g in groups], "o-",
-            color="tab:green", label="ours: least forgetting at the Spanish target")
+            color="tab:green", label="least forgetting at the Spanish target", zorder=3)
     for x, g in zip(xs, groups):
         for _, p in g["points"]:
-            if not p["reached"]:
-                ax.plot(x, p["forgetting"], "x", color="red", ms=7)
-            else:
-                ax.plot(x, p["forgetting"], ".", color="grey")
+            ax.plot(x, p["forgetting"], "x" if not p["reached"] else ".", color="red" if not p["reached"] else "grey",
+                    ms=7 if not p["reached"] else 5)
     ax.plot([], [], "x", color="red", label="coefficient that missed the target")
     ax.plot([], [], ".", color="grey", label="other coefficients")
-    ax.axhline(0, color="black", lw=0.5)
     if log_x:
         ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=0.01)
+    if values and min(values) <= 0:
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.axhline(0, color="black", lw=0.5)
+    else:
+        ax.set_yscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("English forgetting (nats)")
-    ax.set_title(f"{title} ({exp.scale})")
-    paper = exp.paper.get(paper_key, {})
+    ax.set_title(f"ours ({exp.scale})")
+    ax.legend(fontsize=7)
     if paper:
-        ax.text(0.02, 0.98, "paper: " + ", ".join(f"{k}: {paper_loss(v.get('forgetting')):.3f}"
-                                                    for k, v in paper.items()),
-                transform=ax.transAxes, fontsize=6, va="top", wrap=True)
-    ax.legend(fontsize=7, loc="lower right")
+        right = axes[0][1]
+        names = list(paper)
+        theirs = [max(paper_loss(paper[k].get("forgetting")), 1e-3) for k in names]
+        right.plot(range(len(names)), theirs, "o-", color="black")
+        right.set_xticks(range(len(names)), names, fontsize=7, rotation=20)
+        right.set_yscale("log")
+        if ax.get_yscale() == "log":  # one scale for both panels
+            every = [v for v in values + theirs if v > 0]
+            for a in (ax, right):
+                a.set_ylim(min(every) / 1.5, max(every) * 1.5)
+        right.set_title("paper (≈ 0 drawn at 0.001)")
+        right.set_xlabel(label)
+    fig.suptitle(title)
+    fig.tight_layout()
     save_png(fig, out)
 
 
@@ -333,4 +359,101 @@ def capacity_frontier_plot(exp: Experiment, out: Path) -> None:
     ax.set_ylabel("English loss (old)")
     ax.set_title(f"Capacity frontier ({exp.scale})")
     ax.legend(fontsize=6, loc="upper right")
+    save_png(fig, out)
+
+
+# ---------------------------------------------------------------------------- size x length grid (§5.6)
+def size_length_grid_data(exp: Experiment) -> dict:
+    """Per (width, tokens per parameter): the pretrained model's loss and saturation, and the forgetting of each
+    finetuning variant at the Spanish target (None where it missed it)."""
+    rows, trajs = results_of(exp)
+    target = target_of(rows, "finetune")
+    by_key = {f"{r['stage']}/{r['run']}": r for r in rows}
+    cells: dict[tuple[int, float], dict] = {}
+    for r in rows:
+        t = trajs.get((r["stage"], r["run"]))
+        if r["stage"] != "pretrain" or not t:
+            continue
+        key = (int(r["cfg.model.d_model"]), float(r["cfg.stop.tokens_per_param"]))
+        cells[key] = {"loss": t[-1].get("valid_loss"), "gain": saturation(r, t)["gain"], "forgetting": {}}
+    for r in rows:
+        t = trajs.get((r["stage"], r["run"]))
+        up = by_key.get(r.get("upstream") or "", {})
+        if r["stage"] != "finetune" or not t or not up:
+            continue
+        key = (int(up["cfg.model.d_model"]), float(up["cfg.stop.tokens_per_param"]))
+        point = finetune_point(r, t, target)
+        if key in cells:
+            cells[key]["forgetting"][r.get("grid.variant")] = point["forgetting"] if point["reached"] else None
+    widths = sorted({w for w, _ in cells})
+    lengths = sorted({n for _, n in cells})
+    variants = sorted({v for c in cells.values() for v in c["forgetting"]}, key=lambda v: v != "none")
+    return {"rows": rows, "cells": cells, "widths": widths, "lengths": lengths, "variants": variants,
+            "target": target}
+
+
+def size_length_grid_report(exp: Experiment) -> str:
+    d = size_length_grid_data(exp)
+    cells, widths, lengths = d["cells"], d["widths"], d["lengths"]
+    text = [f"size × length ({exp.scale}): English forgetting at Spanish {fmt(d['target'])} (× = missed the target) — "
+            f"{status_line(d['rows'])}",
+            "pretraining loss (gain over the last doubling):",
+            table(["d_model \\ TPP", *[f"{n:g}" for n in lengths]],
+                  [[w, *[f"{fmt(cells[(w, n)]['loss'])} ({fmt(cells[(w, n)]['gain'])})" if (w, n) in cells else "—"
+                         for n in lengths]] for w in widths])]
+    for v in d["variants"]:
+        text += [f"forgetting, {v}:", table(["d_model \\ TPP", *[f"{n:g}" for n in lengths]], [
+            [w, *[_grid_cell(cells.get((w, n)), v) for n in lengths]] for w in widths])]
+    paper = exp.paper.get("size_length_grid", {})
+    if paper:
+        text.append("paper: " + "; ".join(f"{k}: {v}" for k, v in paper.items()))
+    text.append(_verdict_grid(d))
+    return "\n".join(text)
+
+
+def _grid_cell(cell: Optional[dict], variant: str) -> str:
+    if cell is None or variant not in cell["forgetting"]:
+        return "—"
+    value = cell["forgetting"][variant]
+    return "×" if value is None else fmt(value)
+
+
+def _verdict_grid(d: dict) -> str:
+    cells, widths, lengths = d["cells"], d["widths"], d["lengths"]
+    plain = {k: c["forgetting"].get("none") for k, c in cells.items()}
+    falls = [n for n in lengths if all(plain.get((w, n)) is not None for w in widths)
+             and plain[(widths[0], n)] > plain[(widths[-1], n)]]
+    complete = [n for n in lengths if all(plain.get((w, n)) is not None for w in widths)]
+    kl = [c["forgetting"].get("kl") for c in cells.values() if c["forgetting"].get("kl") is not None]
+    missed = sum(1 for c in cells.values() if "kl" in c["forgetting"] and c["forgetting"]["kl"] is None)
+    return (f"verdict: without regularisation forgetting falls from width {widths[0] if widths else '—'} to "
+            f"{widths[-1] if widths else '—'} at {len(falls)}/{len(complete)} lengths (paper: at every length); KL 10 "
+            f"forgets {fmt(min(kl)) if kl else '—'} … {fmt(max(kl)) if kl else '—'} nats where it reached the target "
+            f"(paper: 0.00–0.006 everywhere), and missed it in {missed}/{len(cells)} cells")
+
+
+def size_length_grid_plot(exp: Experiment, out: Path) -> None:
+    """One heat map per finetuning variant: forgetting over width × tokens per parameter (× = missed the target)."""
+    plt = pyplot()
+    d = size_length_grid_data(exp)
+    cells, widths, lengths, variants = d["cells"], d["widths"], d["lengths"], d["variants"]
+    fig, axes = plt.subplots(1, max(1, len(variants)), figsize=(5.2 * max(1, len(variants)), 4.2), squeeze=False)
+    every = [c["forgetting"][v] for c in cells.values() for v in variants if c["forgetting"].get(v) is not None]
+    top = max([abs(x) for x in every] + [1e-3])
+    for ax, v in zip(axes[0], variants or ["none"]):
+        grid = [[(cells.get((w, n)) or {}).get("forgetting", {}).get(v) for n in lengths] for w in widths]
+        values = [[math.nan if x is None else x for x in row] for row in grid]
+        image = ax.imshow(values, origin="lower", cmap="viridis", vmin=0, vmax=top, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, x in enumerate(row):
+                ax.text(j, i, "×" if x is None else f"{x:.3f}", ha="center", va="center", fontsize=7,
+                        color="red" if x is None else ("white" if x < top / 2 else "black"))
+        ax.set_xticks(range(len(lengths)), [f"{n:g}" for n in lengths])
+        ax.set_yticks(range(len(widths)), [str(w) for w in widths])
+        ax.set_xlabel("pretraining tokens per parameter")
+        ax.set_ylabel("d_model (width)")
+        ax.set_title({"none": "no regularisation", "kl": "KL 10 (real replay)"}.get(v, v))
+        fig.colorbar(image, ax=ax, label="English forgetting (nats)")
+    fig.suptitle(f"Forgetting over model size × pretraining length ({exp.scale})")
+    fig.tight_layout()
     save_png(fig, out)

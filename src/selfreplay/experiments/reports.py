@@ -21,7 +21,8 @@ from selfreplay.errors import SelfReplayError
 from selfreplay.experiments.results import (at_target, finetune_point, fmt, paper_loss, pyplot, results_of,
                                             save_png, status_line, table, target_of, write_results)
 from selfreplay.experiments.capacity import (capacity_frontier_plot, capacity_frontier_report, model_size_plot,
-                                             model_size_report, pretrain_length_plot, pretrain_length_report)
+                                             model_size_report, pretrain_length_plot, pretrain_length_report,
+                                             size_length_grid_plot, size_length_grid_report)
 from selfreplay.experiments.frontier import frontier_plot, frontier_report
 from selfreplay.experiments.sweep import Experiment, load_experiment
 
@@ -242,6 +243,7 @@ REPORTS: dict[str, tuple[Callable[[Experiment], str], Callable[[Experiment, Path
     "pretrain_length": (pretrain_length_report, pretrain_length_plot),
     "learning_rate": (learning_rate_report, learning_rate_plot),
     "capacity_frontier": (capacity_frontier_report, capacity_frontier_plot),
+    "size_length_grid": (size_length_grid_report, size_length_grid_plot),
     "frontier": (frontier_report, frontier_plot),
     "forgetting_budget": (frontier_report, frontier_plot),
 }

@@ -96,18 +96,23 @@ def _ratio(big: Optional[float], small: Optional[float]) -> Optional[float]:
     return math.inf if small <= 0 else big / small
 
 
+def _outcome(found: bool, gain: Optional[float], which: str) -> str:
+    """A finding is called reproduced or not only where the model it hinges on is near capacity."""
+    if gain is None or gain > FLATTENING_GAIN:
+        return f"not shown ({which} is not near capacity)"
+    return "reproduced" if found else "NOT reproduced"
+
+
 def _verdict_size(groups: list[dict]) -> str:
     if len(groups) < 2 or groups[0]["forgetting"] is None or groups[-1]["forgetting"] is None:
         return "verdict: not enough finished widths reached the target"
     small, large = groups[0], groups[-1]
     ratio = _ratio(small["forgetting"], large["forgetting"])
     found = ratio is not None and ratio >= SIZE_FALL and small["forgetting"] > LENGTH_START
-    sat = small["gain"] is not None and small["gain"] <= FLATTENING_GAIN
-    what = "reproduced" if found and sat else ("not shown (the smallest width is not near capacity)" if not sat
-                                              else "NOT reproduced")
-    return (f"verdict: {what} — best forgetting {fmt(small['forgetting'])} (width {small['label']}) → "
-            f"{fmt(large['forgetting'])} (width {large['label']}), {_times(ratio)} lower (paper: 0.26 → 0.005, "
-            f"52×; expected ≥ {SIZE_FALL:g}×); smallest width {_flattening(small['gain'])}")
+    return (f"verdict: {_outcome(found, small['gain'], 'the smallest width')} — best forgetting "
+            f"{fmt(small['forgetting'])} (width {small['label']}) → {fmt(large['forgetting'])} (width "
+            f"{large['label']}), {_times(ratio)} lower (paper: 0.26 → 0.005, 52×; expected ≥ {SIZE_FALL:g}×); "
+            f"smallest width {_flattening(small['gain'])}")
 
 
 def _verdict_length(groups: list[dict]) -> str:
@@ -116,12 +121,10 @@ def _verdict_length(groups: list[dict]) -> str:
     short, long_ = groups[0], groups[-1]
     ratio = _ratio(long_["forgetting"], max(short["forgetting"], 0.0))
     found = ratio is not None and ratio >= LENGTH_RISE and short["forgetting"] <= LENGTH_START
-    sat = long_["gain"] is not None and long_["gain"] <= FLATTENING_GAIN
-    what = "reproduced" if found and sat else ("not shown (the longest run is not near capacity)" if not sat
-                                              else "NOT reproduced")
-    return (f"verdict: {what} — best forgetting {fmt(short['forgetting'])} at {fmt(short['tpp'], 0)} TPP → "
-            f"{fmt(long_['forgetting'])} at {fmt(long_['tpp'], 0)} TPP, {_times(ratio)} higher (paper: ≈ 0 → 0.18; "
-            f"expected ≥ {LENGTH_RISE:g}× from ≤ {LENGTH_START}); longest run {_flattening(long_['gain'])}")
+    return (f"verdict: {_outcome(found, long_['gain'], 'the longest run')} — best forgetting "
+            f"{fmt(short['forgetting'])} at {fmt(short['tpp'], 0)} TPP → {fmt(long_['forgetting'])} at "
+            f"{fmt(long_['tpp'], 0)} TPP, {_times(ratio)} higher (paper: ≈ 0 → 0.18; expected ≥ {LENGTH_RISE:g}× "
+            f"from ≤ {LENGTH_START}); longest run {_flattening(long_['gain'])}")
 
 
 def _times(ratio: Optional[float]) -> str:

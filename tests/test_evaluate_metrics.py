@@ -70,6 +70,15 @@ def test_score_matches_a_by_hand_computation(chunk_size):
     assert without["loss"] == pytest.approx(got["loss"], rel=1e-6)
 
 
+def test_the_evaluation_chunk_keeps_a_chunks_logits_in_a_cpu_cache():
+    from selfreplay.evaluate.metrics import eval_chunk_size
+
+    assert eval_chunk_size(4096, "cpu") == 128  # 128 positions x 4096 float32 logits = 2 MiB
+    assert eval_chunk_size(512, "cpu") == 1024 and eval_chunk_size(1 << 20, "cpu") == 16
+    assert eval_chunk_size(4096, "cpu", 1024) == 1024  # the configured chunk wins
+    assert eval_chunk_size(4096, "cuda") is None and eval_chunk_size(4096, "meta", 7) == 7
+
+
 def test_score_counts_only_target_tokens():
     model, teacher, batches = _models()
     g = torch.Generator().manual_seed(1)
@@ -201,3 +210,37 @@ def test_read_metrics_stops_at_garbage_and_skips_blank_lines(tmp_path):
     assert read_metrics(tmp_path, warn=False) == [{"step": 1}]  # a non-object line and what follows are dropped
     (tmp_path / METRICS).write_bytes(b'{"step": 1}\n\xff\xfe garbage\n')
     assert read_metrics(tmp_path, warn=False) == [{"step": 1}]
+
+
+def _counting_forward(module, calls: list) -> None:
+    """Record the batch size of every call of ``module``'s forward."""
+    forward = module.forward
+
+    def counted(input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[0])
+        return forward(input_ids, *args, **kwargs)
+
+    module.forward = counted
+
+
+def test_an_evaluation_runs_the_model_and_the_teacher_once_per_held_out_batch(tmp_path, pretrained, corpora):
+    """KL replay with eval.prev: the new data's and the old data's held-out batches, 12 rows each (40 rows: 12 + 12
+    + 12 + 4), each scored with one forward of the student and one of the teacher."""
+    from selfreplay.config import FINETUNE
+    from selfreplay.train import prepare
+    from selfreplay.train.build import build_parts
+    from selfreplay.train.loop import Trainer
+
+    cfg = load_config(TrainConfig, [], tiny_overrides(tmp_path / "ft", corpora["es"], **{
+        "model.model_name_or_path": pretrained, "replay.method": "kl", "eval.prev": corpora["en"],
+        "eval.batch_size": 12, "stop.steps": 1}))
+    cfg, kind, info = prepare(cfg, FINETUNE)
+    trainer = Trainer(cfg, build_parts(cfg, kind, FINETUNE, info.device), info.device)
+    student, teacher = [], []
+    _counting_forward(trainer.model, student)
+    _counting_forward(trainer.teacher.module, teacher)
+    record = trainer.evaluate()
+    assert {"valid_kl", "prev_kl", "forgetting"} <= set(record)
+    batches = [len(b) for loader in (trainer.data, trainer.parts.prev) for b in loader.valid_batches(12)]
+    assert batches == [12, 12, 12, 4] * 2
+    assert student == teacher == [12] * 8  # the ragged last batch is padded to 12 rows

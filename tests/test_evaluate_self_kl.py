@@ -114,3 +114,23 @@ def test_the_data_free_estimate_is_compared_with_each_held_out_set():
     (line,) = compare_with_held_out(free, rows)
     assert "held-out en (3 models)" in line and "ρ 1.000 with its KL" in line and "median 1.00" in line
     assert compare_with_held_out(free[:2], rows) == []  # fewer than three models: no ranking
+
+
+def test_the_per_sequence_kl_runs_each_model_once_per_batch(pretrained, finetunes):
+    """Two batches of three sampled rows without kept targets: two forwards of the model and two of the teacher
+    (not one per row), and the same per-row sums as the teacher's kept targets give."""
+    from test_evaluate_metrics import _counting_forward
+
+    teacher = Teacher(load_model(pretrained, "cpu").eval())
+    model = load_model(str(finetunes / "plain"), "cpu").eval()
+    batches = teacher_samples(teacher, 6, None, batch_size=3, seed=3, keep_targets=False)
+    kept = per_sequence_kl(model, teacher, teacher_samples(teacher, 6, None, batch_size=3, seed=3),
+                           torch.device("cpu"), torch.no_grad)
+    student_calls, teacher_calls = [], []
+    _counting_forward(model, student_calls)
+    _counting_forward(teacher.module, teacher_calls)
+    sums, counts = per_sequence_kl(model, teacher, batches, torch.device("cpu"), torch.no_grad)
+    assert student_calls == teacher_calls == [3, 3]
+    assert len(sums) == 6 and (sums > 0).all()
+    np.testing.assert_allclose(sums, kept[0], rtol=1e-5)
+    np.testing.assert_array_equal(counts, kept[1])

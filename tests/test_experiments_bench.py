@@ -28,8 +28,61 @@ def test_bench_times_every_method():
     assert results[0]["params"] == results[1]["params"] == 32 * 64 * 2 + 12 * 32 * 32  # untied embed / head
     assert results[3]["sampled_tokens_per_s"] > 0 and results[3]["sequences_per_refill"] == 2 * 2
     assert results[3]["length"] == 16
+    for r in results[:3]:  # how near the limit: the step's FLOPs per second, against a matmul in the same process
+        assert r["gflops"] == pytest.approx(r["step_gflop"] / (r["ms_per_step"] / 1e3))
+        assert r["of_matmul"] == pytest.approx(r["gflops"] / r["matmul_gflops"]) and r["matmul_size"] == 256
+    # kl_real: 2 replay rows beside 4 in the student's forward and backward (x 6/4), and the teacher's forward of
+    # them (a third of a forward and backward over 2 rows: + 1/6 of plain)
+    assert results[1]["step_gflop"] / results[0]["step_gflop"] == pytest.approx(1.5 + 1 / 6, rel=0.01)
     table = format_bench(results)
     assert "kl_self" in table and "sampled tokens/s" in table and "built-in GPT" in table
+    assert "% matmul" in table and "fp32 256^2 matmul" in table
+
+
+def _math_attention_flops(fn) -> int:
+    """FLOPs torch's counter sees in ``fn()``, attention run by the math kernel (its matmuls are counted)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("shape", [dict(d_model=32, n_layers=2, head_dim=16, context=16, vocab_size=64),
+                                   dict(d_model=32, n_layers=1, head_dim=16, context=128, vocab_size=512)])
+def test_the_flop_formula_is_what_torch_counts_in_a_forward_and_backward(shape):
+    import torch
+
+    from selfreplay.experiments.bench import gpt_forward_flops
+    from selfreplay.models.gpt import GPT, GPTConfig
+
+    config = GPTConfig(**shape)
+    net = GPT(config)
+    tokens = torch.randint(0, config.vocab_size, (3, config.context))
+    logits = []
+    forward = _math_attention_flops(lambda: logits.append(net(tokens)))
+    backward = _math_attention_flops(lambda: logits[0].sum().backward())
+    assert forward == pytest.approx(gpt_forward_flops(config, 3, config.context), rel=0.02)
+    assert backward == pytest.approx(2 * forward, rel=0.02)
+
+
+def test_the_step_flops_are_what_torch_counts_in_a_kl_replay_step(tmp_path, pretrained, corpora):
+    """A real training step, KL on 8 stored replay rows beside 16 data rows (the teacher runs over the replay)."""
+    from conftest import tiny_overrides
+    from selfreplay.config import FINETUNE, TrainConfig, load_config
+    from selfreplay.experiments.bench import gpt_step_flops
+    from selfreplay.models.gpt import GPTConfig
+    from selfreplay.train import prepare
+    from selfreplay.train.build import build_parts
+    from selfreplay.train.loop import Trainer
+
+    cfg = load_config(TrainConfig, [], tiny_overrides(tmp_path / "ft", corpora["es"], **{
+        "model.model_name_or_path": pretrained, "replay.method": "kl", "stop.steps": 2}))
+    cfg, kind, info = prepare(cfg, FINETUNE)
+    trainer = Trainer(cfg, build_parts(cfg, kind, FINETUNE, info.device), info.device)
+    counted = _math_attention_flops(trainer.train_step)
+    assert counted == pytest.approx(gpt_step_flops(GPTConfig.of(cfg.model), 16, 16, 8, teacher_rows=8), rel=0.03)
 
 
 def test_cli_bench_of_a_hugging_face_model(tmp_path, capsys):

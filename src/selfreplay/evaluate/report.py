@@ -13,7 +13,7 @@ import os
 from typing import Optional, Sequence
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate.metrics import score
+from selfreplay.evaluate.metrics import eval_chunk_size, score
 from selfreplay.models import CausalLM, Teacher, load_model
 from selfreplay.progress import progress
 
@@ -79,7 +79,7 @@ def forgetting_report(models: Sequence[str], corpora: Sequence[str] = (), data: 
                 raise SelfReplayError(f"teacher {teacher_name} has vocabulary {t.vocab_size}, model {name} has "
                                       f"{model.vocab_size}; KL needs the same tokenizer")
             teacher_obj = Teacher(t)
-        chunk = 1024 if model.vocab_size >= 32768 else None
+        chunk = eval_chunk_size(model.vocab_size, dev, 1024 if model.vocab_size >= 32768 else None)
         for label, loader in _sets(model, name, teacher_obj, corpora, data, valid_tokens, split_seed, batch_size,
                                    seq_len, split, text_field):
             metrics = score(model, loader.valid_batches(batch_size, max_tokens), teacher_obj, dev, autocast, chunk)

@@ -67,21 +67,37 @@ def _check_sampling_memory(module, rows: int, length: int, keep: bool, cap: int,
 @torch.no_grad()
 def per_sequence_kl(model: CausalLM, teacher: Teacher, batches: list, device, autocast,
                     chunk_size: Optional[int] = None, bar=None) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ KL over each sequence's target positions, its number of target positions), one entry per sequence."""
+    """(Σ KL over each sequence's target positions, its number of target positions), one entry per sequence; one
+    forward of the model per batch, and of the teacher where the batch kept no targets."""
     from selfreplay.replay.penalty import ReplayPenalty
 
     penalty = ReplayPenalty("kl", 1.0, teacher, source=object(), chunk_size=chunk_size)
     sums, counts = [], []
     for batch in batches:
         batch = batch.to(device)
-        for row in range(len(batch)):
-            one = batch.rows(slice(row, row + 1))
-            with autocast():
-                sums.append(float(penalty.sums(model, None, one)["term"]))
-            counts.append(float(one.num_targets()))
+        mask = batch.mask()
+        with autocast():
+            targets = penalty.teacher_targets(batch, device)
+            row_sums = model(batch.tokens, position_ids=batch.position_ids, head_fn=_row_kl_sums, tokens=batch.tokens,
+                             mask=mask, targets=targets, chunk_size=chunk_size)
+        sums += row_sums.tolist()
+        counts += mask[:, 1:].sum(1).tolist()
         if bar is not None:
             bar.update(len(batch))
-    return np.array(sums), np.array(counts)
+    return np.array(sums, dtype=float), np.array(counts, dtype=float)
+
+
+def _row_kl_sums(hidden: torch.Tensor, head, tokens: torch.Tensor, mask: torch.Tensor, targets: dict,
+                 chunk_size: Optional[int]) -> torch.Tensor:
+    """Σ KL(teacher || model) over each row's target positions [B] (inside the model's forward: its head)."""
+    from selfreplay.replay.losses import divergence_sum
+
+    def row(value, r: int):
+        return value[r:r + 1] if not callable(value) else value  # the teacher's head is shared by the rows
+
+    return torch.stack([divergence_sum(hidden[r:r + 1], head, tokens[r:r + 1], mask[r:r + 1], chunk_size=chunk_size,
+                                       **{k: row(v, r) for k, v in targets.items()}).float()
+                        for r in range(len(tokens))])
 
 
 def bootstrap_ratio(sums: np.ndarray, counts: np.ndarray, confidence: float = 0.95, resamples: int = 2000,

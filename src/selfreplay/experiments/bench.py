@@ -13,6 +13,10 @@ Face model is a hub id, a directory, or a random-weight architecture of :data:`A
 each method runs in a fresh process, so its peak memory is its own: ``torch.cuda.max_memory_allocated`` on CUDA,
 the peak resident set (``VmHWM``, reset through /proc/self/clear_refs) on a CPU; ``step_mib`` is that peak minus
 what the built trainer held (weights, teacher), i.e. what a step adds.
+
+For the built-in GPT each row also says how near the machine's limit a step is: the step's model FLOPs
+(:func:`gpt_step_flops`) over its time, in GFLOP/s, and that as a share of the fp32 matmul throughput measured in the
+same process with the same threads (:func:`matmul_gflops`).
 """
 
 from __future__ import annotations
@@ -110,6 +114,59 @@ def _hf_fixture(root: Path, model: str, seq_len: int, batch: int) -> list[str]:
             f"replay.source={root / 'random.jsonl'}", "data.packing=stream"]
 
 
+def gpt_forward_flops(shape, rows: int, seq_len: int, head_positions: Optional[int] = None) -> float:
+    """FLOPs of the built-in GPT's forward over ``rows`` sequences of ``seq_len`` tokens: 2 per matmul weight per
+    token in the blocks (qkv, out, up, down: 12·D² a layer), 2·D·V per position the head scores (``head_positions``
+    a row, default all), and attention's QKᵀ and AV over the whole T×T square as the math kernel computes them
+    (2·2·L·T²·D a row; a causal flash kernel skips about half). A backward costs twice a forward."""
+    D, L, T = shape.d_model, shape.n_layers, seq_len
+    head = T if head_positions is None else head_positions
+    return rows * (2 * 12 * L * D * D * T + 2 * D * shape.vocab_size * head + 2 * 2 * L * T * T * D)
+
+
+def gpt_step_flops(shape, batch: int, seq_len: int, replay_rows: int = 0, teacher_rows: int = 0,
+                   sampled_rows: int = 0) -> float:
+    """Model FLOPs of one training step: the student's forward and backward (3x) over the data rows and
+    ``replay_rows`` replay rows (the losses score T-1 positions a row), the teacher's forward over ``teacher_rows``
+    (all T positions: its logits), and the forward of sampling ``sampled_rows`` rows (the step's share of
+    self-generated replay; counted as one forward of the rows)."""
+    student = gpt_forward_flops(shape, batch + replay_rows, seq_len, seq_len - 1)
+    return 3 * student + gpt_forward_flops(shape, teacher_rows + sampled_rows, seq_len)
+
+
+def matmul_gflops(size: int, device: torch.device, repeats: int = 5) -> float:
+    """The best of ``repeats`` fp32 ``size`` x ``size`` matmuls, in GFLOP/s (2·n³ each), on this process's threads."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def _limit_fields(trainer, cfg, method: str, seconds: float, device: torch.device) -> dict:
+    """``step_gflop``, ``gflops`` (achieved) and ``of_matmul`` (its share of :func:`matmul_gflops`) of a built-in
+    GPT step; the matmul size is 4·d_model (256 to 4096), about the model's widest weight."""
+    from selfreplay.models.gpt import GPTConfig
+
+    shape, T = GPTConfig.of(cfg.model), trainer.data.seq_len
+    replay = cfg.replay.batch_size if method != "plain" else 0
+    source = trainer.penalty.source
+    kept = getattr(source, "keeps_targets", False)
+    flops = gpt_step_flops(shape, cfg.data.batch_size, T, replay, teacher_rows=0 if kept else replay,
+                           sampled_rows=replay if method == "kl_self" else 0)
+    size = min(4096, max(256, 4 * shape.d_model))
+    peak = matmul_gflops(size, device)
+    achieved = flops / seconds / 1e9
+    return {"step_gflop": flops / 1e9, "gflops": achieved, "matmul_gflops": peak, "matmul_size": size,
+            "of_matmul": achieved / peak}
+
+
 def _rss_mib(field: str) -> Optional[float]:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -166,6 +223,8 @@ def bench_method(method: str, model: Optional[str], overrides: Sequence[str], st
                   "params": counts["actual"], "model": model or "built-in GPT " + "x".join(
                       str(getattr(cfg.model, k)) for k in ("d_model", "n_layers", "head_dim", "context"))}
         result.update(_peak(device, base_mib))
+        if kind == "gpt":
+            result.update(_limit_fields(trainer, cfg, method, seconds, device))
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
             peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -273,7 +332,8 @@ def run_bench(methods: Sequence[str], model: Optional[str] = None, overrides: Se
 
 def format_bench(results: list[dict]) -> str:
     """A plain-text table, and a line saying what was measured."""
-    head = f"{'method':<9} {'ms/step':>9} {'tokens/s':>11} {'x plain':>8} {'peak MiB':>9} {'step MiB':>9} {'MFU':>6}"
+    head = (f"{'method':<9} {'ms/step':>9} {'tokens/s':>11} {'x plain':>8} {'peak MiB':>9} {'step MiB':>9} {'MFU':>6} "
+            f"{'GFLOP/s':>8} {'% matmul':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
         if r["method"] == "sampling":
@@ -281,12 +341,17 @@ def format_bench(results: list[dict]) -> str:
                          f"sequences x {r['length']} tokens per refill, decode {r['decode']})")
             continue
         rel, step, mfu = r.get("time_vs_plain"), r.get("step_mib"), r.get("mfu")
+        gflops, share = r.get("gflops"), r.get("of_matmul")
         lines.append(f"{r['method']:<9} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>11,.0f} "
                      f"{(f'{rel:.2f}' if rel else '-'):>8} {r['peak_mib']:>9,.0f} "
-                     f"{(f'{step:,.0f}' if step is not None else '-'):>9} {(f'{mfu:.1%}' if mfu else '-'):>6}")
+                     f"{(f'{step:,.0f}' if step is not None else '-'):>9} {(f'{mfu:.1%}' if mfu else '-'):>6} "
+                     f"{(f'{gflops:,.1f}' if gflops else '-'):>8} {(f'{share:.0%}' if share else '-'):>8}")
     timed = next((r for r in results if "ms_per_step" in r), None)
     if timed:
         lines.append(f"{timed['model']} ({timed['params']:,} params) on {timed['device']}, {timed['threads']} "
                      f"thread(s); batch {timed['batch']} x {timed['seq_len']} tokens, replay rows "
                      f"{max(r.get('replay_rows', 0) for r in results)}; memory: {timed['memory_method']}")
+        if timed.get("matmul_gflops"):
+            lines.append(f"% matmul: the step's model FLOPs per second against an fp32 {timed['matmul_size']}^2 matmul "
+                         f"in the same process ({timed['matmul_gflops']:,.1f} GFLOP/s)")
     return "\n".join(lines)

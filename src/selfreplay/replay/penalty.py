@@ -110,7 +110,7 @@ class ReplayPenalty:
         return None
 
     # ------------------------------------------------------------------------------------------ the sums
-    def _teacher_targets(self, rows: Batch, device: torch.device) -> dict:
+    def teacher_targets(self, rows: Batch, device: torch.device) -> dict:
         """Keyword arguments of :func:`divergence_sum` describing the teacher on ``rows`` (no gradient)."""
         targets = getattr(rows, "teacher_targets", None)
         if targets is not None:
@@ -139,9 +139,9 @@ class ReplayPenalty:
         device = groups[0].tokens.device
         targets = {}
         if self.method == "kl" and replay is not None:
-            targets = self._teacher_targets(replay, device)
+            targets = self.teacher_targets(replay, device)
         elif self.method in DATA_TERM_METHODS and batch is not None:
-            targets = self._teacher_targets(batch, device)
+            targets = self.teacher_targets(batch, device)
         both = cat_rows(groups, self.pad_id)
         return model(both.tokens, position_ids=both.position_ids, head_fn=self._head_sums, tokens=both.tokens,
                      mask=both.mask(), n_data=len(batch) if batch is not None else 0,

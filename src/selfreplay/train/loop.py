@@ -28,7 +28,8 @@ import torch
 
 from selfreplay.config import TrainConfig, config_to_dict, config_to_yaml
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate.metrics import EvaluationAbandoned, MetricsLogger, parameter_norms, score
+from selfreplay.evaluate.metrics import (EvaluationAbandoned, MetricsLogger, eval_chunk_size, parameter_norms,
+                                        score)
 from selfreplay.progress import progress
 from selfreplay.train import checkpoint as ckpt
 from selfreplay.train import distributed as dist
@@ -139,6 +140,9 @@ class Trainer:
             self.eval_forward = CompiledForward(self.module, "evaluation")
             if self.teacher is not None and not self.teacher.shares_weights:
                 self.teacher.forward_module = CompiledForward(self.teacher.module, "teacher")
+        self.eval_chunk_size = self.chunk_size  # a compiled forward or ranks' collectives: as training chunks
+        if self.eval_forward is self.module and self.world == 1:
+            self.eval_chunk_size = eval_chunk_size(self.model.vocab_size, device, self.chunk_size)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:
             raise SelfReplayError("no trainable parameters (check lora.targets)")
@@ -214,7 +218,7 @@ class Trainer:
 
     def _score(self, loader, teacher):
         return score(self.eval_forward, loader.valid_batches(self.cfg.eval.batch_size, self.cfg.eval.max_tokens),
-                     teacher, self.device, self.autocast, self.chunk_size, self.rank, self.world,
+                     teacher, self.device, self.autocast, self.eval_chunk_size, self.rank, self.world,
                      should_stop=self._signalled)
 
     def evaluate(self) -> dict:

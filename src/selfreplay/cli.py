@@ -35,6 +35,7 @@ class FiniteFloat(click.ParamType):
 
 
 FINITE = FiniteFloat()
+SCALES = click.Choice(["cpu", "gpu", "paper", "smoke"])  # an experiment file's presets (experiments.sweep.SCALES)
 
 
 def _split_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -360,7 +361,7 @@ def demo(out_dir, full, method, source, seed, device, steps_per_task, eval_every
 # ---------------------------------------------------------------------------- experiment sweeps
 @cli.command()
 @click.argument("experiment")
-@click.option("--scale", type=click.Choice(["cpu", "gpu", "paper", "smoke"]), default="cpu", show_default=True,
+@click.option("--scale", type=SCALES, default="cpu", show_default=True,
               help="preset of the experiment file")
 @click.option("--workers", type=int, default=None, help="parallel runs (default: the number of CPU cores)")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per run")
@@ -411,7 +412,7 @@ def sweep(experiment, scale, workers, threads, stages, runs_dir, dry_run, show_s
 
 @cli.command()
 @click.argument("experiment")
-@click.option("--scale", type=click.Choice(["cpu", "gpu", "paper", "smoke"]), default="cpu", show_default=True)
+@click.option("--scale", type=SCALES, default="cpu", show_default=True)
 @click.option("--runs-dir", default="runs", show_default=True)
 def report(experiment, scale, runs_dir) -> None:
     """Print an experiment's table (ours beside the paper's numbers) from its run directories."""
@@ -422,7 +423,7 @@ def report(experiment, scale, runs_dir) -> None:
 
 @cli.command()
 @click.argument("experiment")
-@click.option("--scale", type=click.Choice(["cpu", "gpu", "paper", "smoke"]), default="cpu", show_default=True)
+@click.option("--scale", type=SCALES, default="cpu", show_default=True)
 @click.option("--runs-dir", default="runs", show_default=True)
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="PNG to write (default: RUNS_DIR/<name>/<scale>/<name>.png)")

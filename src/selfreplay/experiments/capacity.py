@@ -6,7 +6,8 @@ so every table shows each pretrained model's tokens per parameter (the paper's p
 English loss still fell over its last doubling of tokens (:func:`saturation`); a verdict names the finding as
 reproduced only where that gain is at most ``FLATTENING_GAIN``. The verdicts test the issue's expectations: best
 forgetting falls ≥ 5× from the smallest to the largest width; it rises ≥ 3× from the shortest to the longest
-pretraining, from ≤ 0.02 nats; every overtrained finetune ends within 0.03 nats of the mixtures' frontier.
+pretraining, from ≤ 0.02 nats; every overtrained finetune ends within 0.03 nats of the mixtures' frontier; the
+20-TPP model's English rises ≤ 0.1 nats while its Spanish ends ≤ 0.1 nats above the frontier's best Spanish.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ FLATTENING_GAIN = 0.1  # nats of loss over the last doubling of tokens: at most 
 SIZE_FALL = 5.0  # model size: best forgetting of the smallest width / that of the largest
 LENGTH_RISE, LENGTH_START = 3.0, 0.02  # pretraining length: longest / shortest, and the shortest at most this
 FRONTIER_TOLERANCE = 0.03  # nats between an overtrained finetune's endpoint and the frontier
-SHORT_ENGLISH_RISE = 0.1  # the 20-TPP model's English loss may rise at most this much
+SHORT_ENGLISH_RISE = 0.1  # the 20-TPP model's English loss may rise at most this much ...
+SHORT_SPANISH_BEHIND = 0.1  # ... while its Spanish ends at most this far above the frontier's best Spanish
 
 
 # ---------------------------------------------------------------------------- saturation
@@ -298,14 +300,17 @@ def _frontier_verdict(d: dict) -> list[str]:
                      f"the frontier (expected within ±{FRONTIER_TOLERANCE}); the most-English mixture "
                      f"{_flattening(most_english['gain'])} at {fmt(most_english['tpp'], 0)} TPP")
     short = d["finetunes"].get("ft_short", [])
-    if short:
-        rise = min(f["end"][1] - f["start"][1] for f in short)
+    if short and d["frontier"]:
         best = min(short, key=lambda f: f["end"][1] - f["start"][1])
-        ok = rise <= SHORT_ENGLISH_RISE
-        gap = f", {best['gap']:+.3f} from the frontier" if best["gap"] is not None else ""
-        lines.append(f"verdict (20 TPP): {'reproduced' if ok else 'NOT reproduced'} — with KL {best['coeff']:g} "
-                     f"Spanish {best['start'][0]:.3f} → {best['end'][0]:.3f} for {rise:+.3f} nats of English "
-                     f"(expected ≤ +{SHORT_ENGLISH_RISE}; paper ≈ +0.06){gap}")
+        rise = best["end"][1] - best["start"][1]
+        behind = best["end"][0] - d["frontier"][0][0]  # Spanish loss above the frontier's best Spanish
+        what = ("reproduced" if rise <= SHORT_ENGLISH_RISE and behind <= SHORT_SPANISH_BEHIND else
+                "partly: English kept, Spanish short of the frontier's" if rise <= SHORT_ENGLISH_RISE else
+                "NOT reproduced")
+        lines.append(f"verdict (20 TPP): {what} — with KL {best['coeff']:g} Spanish {best['start'][0]:.3f} → "
+                     f"{best['end'][0]:.3f} ({behind:+.3f} from the frontier's best Spanish, expected ≤ "
+                     f"+{SHORT_SPANISH_BEHIND}; paper +0.025) for {rise:+.3f} nats of English (expected ≤ "
+                     f"+{SHORT_ENGLISH_RISE}; paper ≈ +0.06)")
     return lines
 
 

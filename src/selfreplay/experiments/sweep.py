@@ -27,6 +27,7 @@ An experiment file (``experiments/<name>.yaml``)::
       cpu: {stages: {pretrain: {base: {stop.tokens: 1000000}}}}
       gpu: {...}
       paper: {...}
+      smoke: {...}                     # the structure in seconds, on tiny data (the test suite runs it)
     launcher: {name: slurm, partition: gpu, gpus_per_run: 1}   # optional: see selfreplay.experiments.launchers
 
 Runs live in ``<runs_dir>/<name>/<scale>/<stage>/<run name>``. A run name is derived from its values:

@@ -1,4 +1,5 @@
-"""The paper's capacity findings (§5.4 frontier, §5.5a model size, §5.5b pretraining length): tables, verdicts
+"""The paper's capacity findings (§5.4 frontier, §5.5a model size, §5.5b pretraining length, §5.6 size × length
+grid): tables, verdicts
 and figures from a sweep's run directories.
 
 A capacity finding only means something where the models the paper calls saturated are near capacity here too,
@@ -301,7 +302,8 @@ def _frontier_verdict(d: dict) -> list[str]:
                      f"{_flattening(most_english['gain'])} at {fmt(most_english['tpp'], 0)} TPP")
     short = d["finetunes"].get("ft_short", [])
     if short and d["frontier"]:
-        best = min(short, key=lambda f: f["end"][1] - f["start"][1])
+        kept = [f for f in short if f["end"][1] - f["start"][1] <= SHORT_ENGLISH_RISE]
+        best = min(kept, key=lambda f: f["end"][0]) if kept else min(short, key=lambda f: f["end"][1] - f["start"][1])
         rise = best["end"][1] - best["start"][1]
         behind = best["end"][0] - d["frontier"][0][0]  # Spanish loss above the frontier's best Spanish
         what = ("reproduced" if rise <= SHORT_ENGLISH_RISE and behind <= SHORT_SPANISH_BEHIND else

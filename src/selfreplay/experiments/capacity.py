@@ -1,6 +1,5 @@
 """The paper's capacity findings (§5.4 frontier, §5.5a model size, §5.5b pretraining length, §5.6 size × length
-grid): tables, verdicts
-and figures from a sweep's run directories.
+grid): tables, verdicts and figures from a sweep's run directories.
 
 A capacity finding only means something where the models the paper calls saturated are near capacity here too,
 so every table shows each pretrained model's tokens per parameter (the paper's parameter count) and how much its

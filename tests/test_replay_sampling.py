@@ -249,6 +249,32 @@ def test_static_decoder_traces_as_one_graph_for_every_position():
             step(torch.zeros(2, 1, dtype=torch.long), torch.full((1,), t))
 
 
+def test_compiled_decoding_off_cuda_is_one_graph_reading_only_the_written_slots(monkeypatch):
+    """decode=compiled on a CPU: one graph (a dynamic length) for every position after the first, reading only the
+    cache slots written so far (NaN in the others changes nothing), drawing what eager decoding draws. Traced by
+    dynamo with the eager backend: the same graph without inductor's compile time."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    m = tiny_gpt()
+    two = torch.tensor([[1, 9], [2, 8], [3, 7]])
+    eager = sample(m, two, T, generator=gen(9), keep_targets=True)
+    sampler = Sampler(wrap_gpt(m), "compiled")
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        compiled = sampler.sample(two, T, generator=gen(9), keep_targets=True)
+        assert torch.equal(compiled.tokens, eager.tokens)
+        torch.testing.assert_close(compiled.teacher_targets, eager.teacher_targets, atol=1e-5, rtol=1e-5)
+        cache = sampler.model.adapter._decoders[(id(m), "compiled", 3, None)]._orig_mod.cache
+        for buf in cache.keys + cache.values:  # the next refill's cache: unwritten slots full of NaN
+            buf.fill_(float("nan"))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_auto_decoding_is_eager_on_cpu_and_unknown_modes_are_errors():
     m = wrap_gpt(tiny_gpt())
     assert Sampler(m).mode("cpu") == "eager"

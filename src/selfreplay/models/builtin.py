@@ -9,7 +9,7 @@ architecture under ``model`` and the provenance the trainer recorded). Decode st
 - ``compiled``: ``static`` under ``torch.compile``: on CUDA as a CUDA graph (``mode="reduce-overhead"``), the
   per-token launch overhead otherwise dominating sampling from small models; elsewhere with an int position and a
   dynamic length (one graph reading only the written cache slots; fused elementwise work, ~a quarter less time
-  per CPU refill at the bench shapes, for a compilation of ~15-30 s once per process and batch size).
+  per CPU refill at the bench shapes, for a compilation of ~10-30 s once per process and batch size).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class StaticDecoder(nn.Module):
 
     A tensor position keeps shapes, buffer addresses and the traced graph the same at every step: what CUDA graphs
     need (slots after the position may hold stale keys of an earlier batch; the model masks them). An int position
-    reads only the slots written so far: compiled with a dynamic length, one graph serves positions 2.. (a CPU).
+    reads only the slots written so far: compiled with a dynamic length, one graph serves positions 1.. (a CPU).
     """
 
     def __init__(self, model: GPT, batch_size: int, cache_dtype: Optional[torch.dtype] = None):

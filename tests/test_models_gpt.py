@@ -36,6 +36,20 @@ def test_kv_cache_decode_equals_full_forward(chunk):
     assert cache.pos == TINY.context
 
 
+def test_eager_decode_reads_only_the_written_cache_slots():
+    """An int-position cache is read up to its position only (not the whole context behind a mask): unwritten
+    slots full of NaN leave every chunk's logits equal to the full forward."""
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    tokens = torch.randint(0, TINY.vocab_size, (2, TINY.context))
+    cache = model.new_kv_cache(2)
+    for buf in cache.keys + cache.values:
+        buf.fill_(float("nan"))
+    with torch.no_grad():
+        parts = [model(tokens[:, i:i + 5], cache=cache) for i in range(0, TINY.context, 5)]
+        torch.testing.assert_close(torch.cat(parts, 1), model(tokens), atol=1e-5, rtol=1e-5)
+
+
 def test_causal():
     torch.manual_seed(0)
     model = GPT(TINY).eval()

@@ -129,6 +129,34 @@ def test_student_equal_to_teacher_has_zero_replay_kl_on_every_path(pretrained_sm
     assert abs(float(trainer.train_step()["replay"])) < 1e-7
 
 
+def test_kept_sampling_logits_spare_the_teacher_forward_and_give_the_same_kl(pretrained_small, monkeypatch):
+    """fp32 self-generated replay: the sampler's logits are the KL targets, so training runs no teacher forward on
+    replay rows, and on a moved student its replay KL equals the one a teacher forward gives (a batch without
+    kept targets: one teacher forward); the chosen replay.decode reaches the sampler."""
+    root, es = pretrained_small
+    calls = []
+    for name in ("__call__", "hidden_and_head"):
+        original = getattr(Teacher, name)
+        monkeypatch.setattr(Teacher, name, lambda self, *a, _f=original, **k: calls.append(1) or _f(self, *a, **k))
+    values = {"run_dir": root / "kept", "data.train": es, "stop.steps": 3, "log.progress": False,
+              "model.model_name_or_path": root / "pre", "data.batch_size": 16, "data.valid_tokens": 600,
+              "replay.batch_size": 8, "replay.buffer": 3, "replay.method": "kl", "replay.source": "self",
+              "replay.decode": "static"}
+    cfg = load_config(TrainConfig, [], [f"{k}={v}" for k, v in values.items()])
+    cfg, kind, info = prepare(cfg, FINETUNE)
+    trainer = Trainer(cfg, build_parts(cfg, kind, FINETUNE, info.device), info.device)
+    source = trainer.penalty.source
+    assert source.decode == "static" and source.keeps_targets
+    assert float(trainer.train_step()["replay"]) < 1e-7 and float(trainer.train_step()["replay"]) > 1e-4
+    assert calls == []  # two steps, no teacher forward
+    kept = source.next_batch()
+    with torch.no_grad():
+        a = trainer.penalty.sums(trainer.forward, None, kept)["term"]
+        b = trainer.penalty.sums(trainer.forward, None, ReplayBatch(kept.tokens, kept.loss_mask))["term"]
+    assert len(calls) == 1 and float(a) > 1e-3
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
 def test_hugging_face_prefill_computes_the_last_position_only(hf_files):
     """Sampling asks the model for one position of logits at prefill ([rows, 1, V]), not [rows, prompt, V]: a
     chat-prefix prompt of P tokens costs rows x V, not rows x P x V."""

@@ -10,7 +10,8 @@ from selfreplay.models.gpt import GPT, GPTConfig
 from reference import divergence_loss
 from selfreplay.replay.losses import TopKTargets
 from selfreplay.replay.prompts import eos_loss_mask
-from selfreplay.replay.sampling import Sampler, Samples, derive_seed, filter_logits, make_generator
+from selfreplay.replay.sampling import (Sampler, Samples, choose_tokens, derive_seed, filter_logits, make_generator,
+                                        sample_rows)
 
 V, T = 48, 20
 
@@ -76,6 +77,26 @@ def test_filter_logits_keeps_the_top_k_and_the_nucleus():
     assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, True, False, True]]
     assert torch.equal(filter_logits(logits, top_k=4, top_p=1.0), logits)
+
+
+def test_sample_rows_inverts_the_cumulative_weights_and_never_picks_a_zero_weight():
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]] * 6)  # cumulative 0, 1, 1, 4, 4 (any scale)
+    below_one = 1.0 - 2.0 ** -53  # the largest float64 uniform
+    uniforms = torch.tensor([0.0, 0.2, 0.25, 0.26, 0.9, below_one], dtype=torch.float64)
+    assert sample_rows(weights, uniforms).tolist() == [1, 1, 3, 3, 3, 3]
+    assert sample_rows(weights.half(), uniforms).tolist() == [1, 1, 3, 3, 3, 3]
+
+
+def test_sampled_tokens_follow_the_tempered_filtered_softmax():
+    """200k draws of 8 categories: every frequency within 4.5 standard errors of its probability (seeded)."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2])
+    n, g = 200_000, make_generator(0, 0, "cpu")
+    for temperature, top_k, allowed in ((1.0, None, 8), (0.5, 3, 3)):
+        drawn = choose_tokens(logits.expand(n, 8), temperature, top_k, None, g)
+        probs = torch.softmax(filter_logits(logits / temperature, top_k), -1).double()
+        freq = torch.bincount(drawn, minlength=8).double() / n
+        assert int((freq > 0).sum()) == allowed
+        assert torch.all((freq - probs).abs() <= 4.5 * (probs * (1 - probs) / n).sqrt() + 1e-12)
 
 
 def test_eos_stop_pads_and_masks_after_first_eos():
@@ -226,6 +247,32 @@ def test_static_decoder_traces_as_one_graph_for_every_position():
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for t in range(4):
             step(torch.zeros(2, 1, dtype=torch.long), torch.full((1,), t))
+
+
+def test_compiled_decoding_off_cuda_is_one_graph_reading_only_the_written_slots(monkeypatch):
+    """decode=compiled on a CPU: one graph (a dynamic length) for every position after the first, reading only the
+    cache slots written so far (NaN in the others changes nothing), drawing what eager decoding draws. Traced by
+    dynamo with the eager backend: the same graph without inductor's compile time."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    m = tiny_gpt()
+    two = torch.tensor([[1, 9], [2, 8], [3, 7]])
+    eager = sample(m, two, T, generator=gen(9), keep_targets=True)
+    sampler = Sampler(wrap_gpt(m), "compiled")
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        compiled = sampler.sample(two, T, generator=gen(9), keep_targets=True)
+        assert torch.equal(compiled.tokens, eager.tokens)
+        torch.testing.assert_close(compiled.teacher_targets, eager.teacher_targets, atol=1e-5, rtol=1e-5)
+        cache = sampler.model.adapter._decoders[(id(m), "compiled", 3, None)]._orig_mod.cache
+        for buf in cache.keys + cache.values:  # the next refill's cache: unwritten slots full of NaN
+            buf.fill_(float("nan"))
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_auto_decoding_is_eager_on_cpu_and_unknown_modes_are_errors():

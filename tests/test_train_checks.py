@@ -74,11 +74,22 @@ def test_non_finite_values_through_the_cli(teacher, tmp_path, capsys, command, o
     ("optim.momentum=-1", ["optim.momentum=-1.0", ">= 0"]),
     ("log.progress_every_s=-1", ["log.progress_every_s=-1.0", ">= 0"]),
     ("lora.alpha=0", ["lora.alpha=0.0", "positive"]),
+    ("replay.decode=fast", ["replay.decode='fast'", "auto, eager, static, compiled"]),
 ])
 def test_ranges_name_the_key(override, words):
     with pytest.raises(SelfReplayError) as e:
         _checked(override, "lora.r=4")
     one_line_error(e, *words)
+
+
+def test_replay_decode_beyond_eager_is_a_builtin_gpt_option():
+    base = ["data.train=x", "run_dir=r", "stop.steps=10", "model.model_name_or_path=m"]
+    for mode in ("static", "compiled"):
+        assert _checked(f"replay.decode={mode}").replay.decode == mode
+        cfg = resolve_defaults(load_config(TrainConfig, [], base + [f"replay.decode={mode}"]), "hf", FINETUNE)
+        with pytest.raises(SelfReplayError) as e:
+            validate(cfg, "hf", FINETUNE)
+        one_line_error(e, f"replay.decode={mode}", "Hugging Face", "eager")
 
 
 @pytest.mark.parametrize("name, value", [("target", math.inf), ("start", math.nan), ("step", math.inf),

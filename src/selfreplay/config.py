@@ -155,6 +155,9 @@ class ReplayConfig:
     top_k: Optional[int] = _f(None, "source=self: sample only from the k most likely tokens", FINETUNE)
     top_p: Optional[float] = _f(None, "source=self: nucleus sampling threshold", FINETUNE)
     stop_at_eos: bool = _f(False, "source=self: end samples at EOS (padded, masked); the paper ignores EOS", FINETUNE)
+    decode: str = _f("auto", "source=self: auto (compiled for a built-in GPT on CUDA, else eager) | eager | static | "
+                             "compiled (built-in GPT; on a CPU ~a quarter less sampling time for a one-off "
+                             "compilation of ~10-30 s: pays on long runs)", FINETUNE)
     keep_targets: str = _f("auto", "reuse the teacher's logits from sampling as KL targets: auto (in fp32, while a "
                                    "buffer's fit in max_logprobs_gib) | true (also under bf16, with a ~1e-5 KL "
                                    "floor; and a stored corpus's top-k log-probs, a lower bound) | false (run the "

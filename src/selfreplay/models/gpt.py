@@ -74,7 +74,9 @@ class KVCache:
 
     Buffers have the full context length so shapes never change (friendly to torch.compile and CUDA graphs).
     ``pos`` is the number of tokens already written: a Python int, or a long tensor of shape [1] when a
-    compiled decode step must see the same graph at every position. Slots past ``pos`` are masked.
+    compiled decode step must see the same graph at every position. Slots past ``pos`` are never read with an int
+    position (attention reads the written slots only: half the cache traffic of a whole sample), masked with a
+    tensor one.
     """
 
     keys: list[torch.Tensor]
@@ -100,11 +102,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache] = None,
                 layer: int = 0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(rms_norm(qkv[:2]), cos, sin)  # queries and keys in one go (half the small ops)
+        v = qkv[2]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # write this chunk at its absolute positions; query i sees cache slots <= positions[i]
+        elif isinstance(cache.pos, int):  # eager decoding: write the chunk, attend to the written slots only
+            start, end = cache.pos, cache.pos + T
+            keys, values = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+            keys[:, :, start:].copy_(k)
+            values[:, :, start:].copy_(v)
+            mask = None if T == 1 else torch.arange(end, device=x.device)[None, :] <= positions[:, None]
+            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        else:  # a tensor position (one graph for every step): write there; query i sees cache slots <= positions[i]
             keys, values = cache.keys[layer], cache.values[layer]
             keys.index_copy_(2, positions, k.to(keys.dtype))
             values.index_copy_(2, positions, v.to(values.dtype))
@@ -188,7 +198,10 @@ class GPT(nn.Module):
                 raise SelfReplayError(f"sequence of {cache.pos + T} tokens exceeds the model context "
                                       f"{self.config.context}")
             positions = cache.pos + torch.arange(T, device=tokens.device)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            if isinstance(cache.pos, int):
+                cos, sin = self.rope_cos[cache.pos:cache.pos + T], self.rope_sin[cache.pos:cache.pos + T]
+            else:
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embed(tokens)
         recompute = self.checkpointing and cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):

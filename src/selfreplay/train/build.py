@@ -291,7 +291,7 @@ def _self_replay(cfg: TrainConfig, parts: Parts, teacher_info: dict, rows: int, 
                                r.temperature, r.top_k, r.top_p, eos, parts.pad_id,
                                cfg.seed + (RANK_SEED_STRIDE * rank if per_rank else 0),
                                keep_targets=keep, max_targets_bytes=int(r.max_logprobs_gib * 2 ** 30),
-                               autocast_dtype=torch.bfloat16 if low else None,
+                               decode=r.decode, autocast_dtype=torch.bfloat16 if low else None,
                                show_progress=cfg.log.progress and rank == 0)
 
 

@@ -219,6 +219,7 @@ def _check_optim(cfg: TrainConfig) -> None:
 def _check_replay(cfg: TrainConfig, kind: str, command: str) -> None:
     from selfreplay.replay.losses import DIVERGENCES
     from selfreplay.replay.penalty import METHODS
+    from selfreplay.replay.sampling import DECODE_MODES
 
     r = cfg.replay
     if r.method not in METHODS:
@@ -252,6 +253,11 @@ def _check_replay(cfg: TrainConfig, kind: str, command: str) -> None:
         raise SelfReplayError(f"replay.prompt={r.prompt!r}: expected bos or chat")
     if str(r.keep_targets).lower() not in ("auto", "true", "false"):
         raise SelfReplayError(f"replay.keep_targets={r.keep_targets!r}: expected auto, true or false")
+    if r.decode not in DECODE_MODES:
+        raise SelfReplayError(f"replay.decode={r.decode!r}: expected one of {', '.join(DECODE_MODES)}")
+    if kind == "hf" and r.decode not in ("auto", "eager"):
+        raise SelfReplayError(f"replay.decode={r.decode}: a built-in GPT option; a Hugging Face model decodes "
+                              f"eagerly (auto / eager)")
     if r.max_logprobs_gib < 0:
         raise SelfReplayError(f"replay.max_logprobs_gib={r.max_logprobs_gib}: must be >= 0")
     if kind == "hf" and (r.domains or r.stop_at_eos):

@@ -447,10 +447,9 @@ def size_length_grid_plot(exp: Experiment, out: Path) -> None:
     d = size_length_grid_data(exp)
     cells, widths, lengths, variants = d["cells"], d["widths"], d["lengths"], d["variants"]
     fig, axes = plt.subplots(1, max(1, len(variants)), figsize=(5.2 * max(1, len(variants)), 4.2), squeeze=False)
-    every = [c["forgetting"][v] for c in cells.values() for v in variants if c["forgetting"].get(v) is not None]
-    top = max([abs(x) for x in every] + [1e-3])
-    for ax, v in zip(axes[0], variants or ["none"]):
+    for ax, v in zip(axes[0], variants or ["none"]):  # one colour scale per panel: KL's is ~100x smaller
         grid = [[(cells.get((w, n)) or {}).get("forgetting", {}).get(v) for n in lengths] for w in widths]
+        top = max([abs(x) for row in grid for x in row if x is not None] + [1e-3])
         values = [[math.nan if x is None else x for x in row] for row in grid]
         image = ax.imshow(values, origin="lower", cmap="viridis", vmin=0, vmax=top, aspect="auto")
         for i, row in enumerate(grid):

@@ -16,6 +16,7 @@ import click
 
 from selfreplay.config import FINETUNE, PRETRAIN, TrainConfig, describe_config, load_config
 from selfreplay.errors import SelfReplayError
+from selfreplay.experiments.sweep import SCALES as EXPERIMENT_SCALES
 
 CONFIG_HELP = "\b\nCONFIG: YAML files and key.sub=value overrides, applied in order. Keys and defaults:\n\n\b\n"
 THREADS = click.option("--threads", type=int, default=None,
@@ -35,7 +36,7 @@ class FiniteFloat(click.ParamType):
 
 
 FINITE = FiniteFloat()
-SCALES = click.Choice(["cpu", "gpu", "paper", "smoke"])  # an experiment file's presets (experiments.sweep.SCALES)
+SCALES = click.Choice(list(EXPERIMENT_SCALES))  # an experiment file's presets
 
 
 def _split_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:

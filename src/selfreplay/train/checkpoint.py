@@ -123,15 +123,18 @@ def read_state(directory) -> dict:
         raise SelfReplayError(f"{directory / LEGACY_STATE}: a checkpoint in the pickle format of an earlier "
                               f"selfreplay, not loaded (unpickling a file can run code); finish that run with the "
                               f"version that wrote it, or start it again")
+    where = directory / STATE  # the file being read, for the error
     try:
-        skeleton = json.loads((directory / STATE).read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / TENSORS), device="cpu")
+        skeleton = json.loads(where.read_text(encoding="utf-8"))
         if not isinstance(skeleton, dict) or skeleton.get("format") != STATE_FORMAT:
             raise ValueError(f"not a selfreplay training state of format {STATE_FORMAT}")
+        where = directory / TENSORS
+        tensors = load_file(str(where), device="cpu")
+        where = directory / STATE
         return _decode(skeleton["state"], tensors)
     except Exception as e:  # JSON, safetensors and a bad structure fail in their own ways
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise SelfReplayError(f"{directory / STATE}: corrupt training state ({first})") from None
+        raise SelfReplayError(f"{where}: corrupt training state ({first})") from None
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

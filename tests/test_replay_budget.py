@@ -15,14 +15,20 @@ from selfreplay.replay.budget import ForgettingBudget
 from selfreplay.train import train
 
 
-def _lagged_plant(need: float, start: float = 10.0, target: float = 0.05, steps: int = 300, lag: float = 8.0):
+def _lagged_plant(need: float, start: float = 10.0, target: float = 0.05, steps: int = 300, lag: float = 8.0,
+                  cosine: bool = False, noise: float = 0.0):
     """A student whose replay KL follows target · need / c with a lag of ``lag`` peak-LR steps, from 0 (the
-    teacher's weights), under a 4-step warmup: the KL ratio to the target after each update."""
+    teacher's weights), under a 4-step warmup (or a cosine schedule with a 10% warmup); the controller reads the KL
+    with lognormal batch noise of ``noise``: the KL ratio to the target after each update."""
     budget, kl, ratios = ForgettingBudget(target, start), 0.0, []
+    noises = torch.randn(steps, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * noise
+    warmup = steps // 10 if cosine else 4
     for t in range(steps):
-        lr_scale = min(1.0, (t + 1) / 4)
+        lr_scale = min(1.0, (t + 1) / warmup)
+        if cosine and t >= warmup:
+            lr_scale = 0.5 * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
         coeff = float(budget.coeff)
-        budget.update(torch.tensor(kl), lr_scale)
+        budget.update(torch.tensor(kl) * torch.exp(noises[t] - noise ** 2 / 2), lr_scale)
         ratios.append(kl / target)
         kl += lr_scale / lag * (target * need / coeff - kl)
     return ratios
@@ -36,11 +42,21 @@ def test_a_kl_at_the_target_from_the_second_update_on_leaves_the_coefficient_alo
     assert float(budget.smoothed_kl) == pytest.approx(0.05, rel=1e-6)
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.3])
 @pytest.mark.parametrize("need", [1.0, 3.0, 10.0])  # the start 10x too high, 3x too high, right
-def test_a_lagged_student_settles_at_the_target_without_overshooting(need):
-    ratios = _lagged_plant(need)
-    assert max(ratios[30:]) < 2.0  # after the first 10% of the steps
-    assert all(1 / 1.5 < r < 1.5 for r in ratios[-30:])
+def test_a_lagged_student_settles_at_the_target_without_overshooting(need, noise):
+    ratios = _lagged_plant(need, noise=noise)
+    assert max(ratios[30:]) < 1.5  # after the first 10% of the steps (the issue: 2; the earlier design: 1.67)
+    assert all(1 / 1.3 < r < 1.3 for r in ratios[-30:])
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+@pytest.mark.parametrize("need", [1.0, 0.1])  # c must fall 10x / 100x
+def test_a_short_cosine_run_reaches_the_target_from_a_start_far_too_high(need, noise):
+    # the en_es budget's shape: 150 steps, c from 10 to ~0.1 (the earlier design ended at c 0.37, KL at 0.19x)
+    ratios = _lagged_plant(need, steps=150, cosine=True, noise=noise)
+    assert 1 / 1.3 < ratios[-1] < 1.3
+    assert max(ratios[15:]) < 1.3
 
 
 def test_a_kl_that_stays_low_while_the_student_moves_lets_the_coefficient_fall_after_the_hold():

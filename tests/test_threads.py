@@ -162,3 +162,25 @@ def test_a_resumed_run_keeps_the_count_of_its_first_start(corpora, tmp_path, reg
         assert seen[-1] == 1  # a new run under the same load decides anew
     finally:
         torch.set_num_threads(before)
+
+
+def test_evaluating_commands_choose_by_the_forward_work_of_the_saved_model(pretrained, registry, monkeypatch):
+    from selfreplay.cli import _threads
+    from selfreplay.models import load_model, saved_param_count
+
+    model = load_model(pretrained)
+    assert saved_param_count(pretrained) == sum(p.numel() for p in model.net.state_dict().values())
+    assert saved_param_count("owner/not-a-local-model") is None
+    monkeypatch.setenv(threads.FREE_CORES_ENV, "2")
+    before = torch.get_num_threads()
+    try:
+        _threads(None, "cpu", [pretrained], 1)  # one token a forward: tiny work
+        assert torch.get_num_threads() == 1
+        _threads(None, "cpu", [pretrained], 10 ** 6)
+        assert torch.get_num_threads() == 2
+        _threads(None, "cpu", ["owner/not-a-local-model"], 1)  # unknown size: the free cores
+        assert torch.get_num_threads() == 2
+        _threads(3, "cpu", [pretrained], 1)  # --threads wins
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -21,7 +21,7 @@ def model_kind_of(cfg: TrainConfig, command: str) -> str:
 
 
 def step_flops(cfg: TrainConfig, kind: str, parts, world: int = 1) -> float:
-    """Model FLOPs of one optimizer step on one rank: the built-in GPT's count (bench.gpt_step_flops), else
+    """Model FLOPs of one optimizer step on one rank: the built-in GPT's count (models.gpt.gpt_step_flops), else
     6 x parameters x tokens; replay rows count as data rows plus a teacher forward."""
     seq_len = getattr(parts.data, "seq_len", None) or cfg.data.seq_len or 512
     replay = cfg.replay.batch_size if parts.penalty is not None and parts.penalty.source is not None else 0
@@ -65,8 +65,9 @@ def set_threads(cfg: TrainConfig, device, flops_per_step: Optional[float] = None
     rank, world = env_world()[:2]
     fixed = cfg.threads or (recorded_threads(cfg.run_dir) if resume and cfg.run_dir else None) or env_threads()
     runs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
-    threads = decide_threads(flops_per_step, runs, fixed) if rank == 0 else None
-    threads = broadcast_object(threads)
+    threads = broadcast_object(decide_threads(flops_per_step, runs, fixed) if rank == 0 else None)
+    if threads is None:  # torchrun's variables without a process group (a tool's own process)
+        threads = decide_threads(flops_per_step, 1, fixed)
     torch.set_num_threads(threads)
     cfg.threads = threads
     return threads

@@ -129,7 +129,11 @@ def claimed_by_others(directory: Path) -> int:
     """Threads claimed by our other live processes; dead processes' claims are removed (only regular files named
     by a pid, never through a link)."""
     total = 0
-    for entry in os.scandir(directory):
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         path = directory / entry.name
@@ -192,8 +196,8 @@ def release_claim() -> None:
 def free_cores(directory: Optional[Path] = None, measure: bool = True) -> int:
     """Cores free for this process: usable ones less the larger of those busy and those our other processes
     claim (at least 1). ``SELFREPLAY_FREE_CORES`` (internal, for tests) gives the answer instead."""
-    forced = os.environ.get(FREE_CORES_ENV)
-    if forced:
+    forced = os.environ.get(FREE_CORES_ENV, "")
+    if forced.isdigit():
         return max(1, int(forced))
     cores = usable_cores()
     claimed = claimed_by_others(directory) if directory is not None else 0

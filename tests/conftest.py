@@ -2,6 +2,7 @@
 Face model directories, and an in-process CLI runner."""
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import torch
 
 from selfreplay.data.corpus import CorpusMeta, write_corpus
 
-# Tiny models: one thread per test process is fastest (and avoids oversubscribing the cores under xdist).
+# Tiny models: one thread per test process is fastest (and avoids oversubscribing the cores under xdist); runs
+# deciding their threads by the rule (selfreplay.threads) see one free core, without measuring the machine's load.
 torch.set_num_threads(1)
+os.environ.setdefault("SELFREPLAY_FREE_CORES", "1")
 
 VOCAB = 64
 TEXT_IDS = np.arange(11, VOCAB)  # ids 0-9 are domain tokens, 10 is EOS

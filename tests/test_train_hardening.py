@@ -391,14 +391,21 @@ def test_progress_off_a_terminal_is_plain_lines(corpora, tmp_path, capsys):
     assert lines and all("/60 step" in line for line in lines) and "loss=" in lines[-1]
 
 
-def test_small_models_get_one_thread_unless_told(corpora, tmp_path):
+def test_threads_are_the_configs_else_decided_by_the_work_and_recorded(monkeypatch):
     from selfreplay.train import set_threads
 
-    cfg = load_config(TrainConfig, [], ["threads=2"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SELFREPLAY_FREE_CORES", "2")
     before = torch.get_num_threads()
     try:
-        assert set_threads(TrainConfig(), torch.device("cpu"), 1000) == 1
-        assert set_threads(cfg, torch.device("cpu"), 1000) == 2
+        tiny, large, told = TrainConfig(), TrainConfig(), load_config(TrainConfig, [], ["threads=2"])
+        assert set_threads(tiny, torch.device("cpu"), 1e3) == 1 and tiny.threads == 1
+        assert set_threads(large, torch.device("cpu"), 1e12) == 2 and large.threads == 2
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("SELFREPLAY_FREE_CORES", "1")
+        assert set_threads(told, torch.device("cpu"), 1e3) == 2  # given: wins over the rule
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_threads(TrainConfig(), torch.device("cpu"), 1e3) == 2  # the environment's choice
     finally:
         torch.set_num_threads(before)
 

@@ -20,7 +20,8 @@ from selfreplay.experiments.sweep import SCALES as EXPERIMENT_SCALES
 
 CONFIG_HELP = "\b\nCONFIG: YAML files and key.sub=value overrides, applied in order. Keys and defaults:\n\n\b\n"
 THREADS = click.option("--threads", type=int, default=None,
-                       help="CPU threads (default: 1 for small models, else torch's)")
+                       help="CPU threads (default: OMP_NUM_THREADS, else by the work per forward pass and the free "
+                            "cores)")
 
 
 class FiniteFloat(click.ParamType):
@@ -45,13 +46,22 @@ def _split_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return [a for a, f in zip(args, is_file) if f], [a for a, f in zip(args, is_file) if not f]
 
 
-def _threads(threads: Optional[int]) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise SelfReplayError(f"--threads={threads}: must be positive")
-        import torch
+def _threads(threads: Optional[int], device: str, models=(), tokens_per_forward: Optional[int] = None) -> None:
+    """CPU threads of a command that evaluates or samples: ``--threads``, else the rule of selfreplay.threads with
+    the forward FLOPs of the largest model (2 x parameters x tokens; unknown: as many as are free)."""
+    if threads is not None and threads < 1:
+        raise SelfReplayError(f"--threads={threads}: must be positive")
+    import torch
 
-        torch.set_num_threads(threads)
+    if not (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+        return
+    from selfreplay.models import saved_param_count
+    from selfreplay.threads import decide_threads, env_threads
+
+    counts = [saved_param_count(m) for m in models if m]
+    known = counts and None not in counts and tokens_per_forward is not None
+    flops = 0 if tokens_per_forward == 0 else 2 * max(counts) * tokens_per_forward if known else None
+    torch.set_num_threads(decide_threads(flops, fixed=threads or env_threads()))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -207,7 +217,7 @@ def eval_command(models, more_models, corpora, data_files, teacher, mcq_files, m
         raise SelfReplayError("eval: give the models to evaluate (run directories, Hugging Face directories or ids)")
     if batch_size < 1:
         raise SelfReplayError(f"eval --batch-size={batch_size}: must be positive")
-    _threads(threads)
+    _threads(threads, device, [*names, teacher], batch_size * seq_len)
     tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
     if not (corpora or data_files or mcq_files or tasks or self_sequences is not None):
         raise SelfReplayError("eval: nothing to evaluate; give --corpus, --data, --self, --mcq and/or --lm-eval")
@@ -276,7 +286,7 @@ def generate(model, model_opt, out, num_sequences, length, domains, prompt, batc
     if text_out and Path(out).resolve() in (Path(text_out).resolve(), *Path(text_out).resolve().parents):
         raise SelfReplayError(f"generate --text={text_out}: would be written into the corpus directory --out={out}; "
                               f"write the decoded text elsewhere")
-    _threads(threads)
+    _threads(threads, device, [name], batch_size)  # a decoding step: one token per row
     meta = generate_from(name, out, num_sequences, length, list(domains), prompt, batch_size, temperature,
                             top_k, top_p, stop_at_eos, logprobs_top_k, seed, dtype, device, not no_resume, text_out)
     click.echo(f"wrote {out}: {meta.num_tokens // meta.sequence_length:,} sequences of {meta.sequence_length} tokens"
@@ -299,7 +309,7 @@ def replay_stats_command(replay, teacher, real, max_sequences, device, threads, 
     from selfreplay.train.distributed import resolve_device
     from selfreplay.train.files import atomic_write_json
 
-    _threads(threads)
+    _threads(threads, device, [teacher] if teacher else [], None if teacher else 0)  # no teacher: no model work
     dev = resolve_device(device)
     teacher_model = load_model(teacher, dev).eval() if teacher else None
     stats = replay_stats(replay, teacher=teacher_model, real=real, max_sequences=max_sequences, device=dev)
@@ -349,8 +359,9 @@ def bench(overrides, model, methods, steps, warmup, no_isolate, json_out) -> Non
 @click.option("--device", default="auto", show_default=True)
 @click.option("--steps-per-task", type=int, default=None, help="steps of every task, the first included")
 @click.option("--eval-every", type=int, default=None, help="override the preset's evaluation interval (steps)")
-@click.option("--threads", type=int, default=None, help="CPU threads per run (default: the preset's; the CPU "
-                                                        "preset uses 1, its two runs go side by side)")
+@click.option("--threads", type=int, default=None, help="CPU threads per run (default: OMP_NUM_THREADS, else by "
+                                                        "the work per step and the free cores shared by the two runs "
+                                                        "going side by side)")
 def demo(out_dir, full, method, source, seed, device, steps_per_task, eval_every, threads) -> None:
     """Four arithmetic tasks learned one after another, without and with self-generated replay (paper §5.2)."""
     from selfreplay.experiments.demo import run_demo

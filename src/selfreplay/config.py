@@ -243,7 +243,9 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
     compile: str = _f("auto", "torch.compile the model: auto (on CUDA) | true | false")
-    threads: Optional[int] = _f(None, "CPU threads (default: 1 for models under 20M parameters, else torch's)")
+    threads: Optional[int] = _f(None, "CPU threads (default: OMP_NUM_THREADS, else by the work per step and the "
+                                      "free cores, decided at the first start and saved in config.yaml; a resume "
+                                      "reuses it)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (per rank)")
     gradient_checkpointing: bool = _f(False, "recompute blocks in backward to save memory")
     loss_chunk_size: Optional[int] = _f(None, "positions whose logits exist at once in the losses (default: all "

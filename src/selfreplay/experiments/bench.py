@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from selfreplay.errors import SelfReplayError
+from selfreplay.models.gpt import gpt_forward_flops, gpt_step_flops  # noqa: F401 (this module's API too)
 
 METHODS = {"plain": ["replay.method=none"], "kl_real": ["replay.method=kl"], "kl_self": ["replay.method=kl",
                                                                                          "replay.source=self"],
@@ -114,26 +115,6 @@ def _hf_fixture(root: Path, model: str, seq_len: int, batch: int) -> list[str]:
             f"replay.source={root / 'random.jsonl'}", "data.packing=stream"]
 
 
-def gpt_forward_flops(shape, rows: int, seq_len: int, head_positions: Optional[int] = None) -> float:
-    """FLOPs of the built-in GPT's forward over ``rows`` sequences of ``seq_len`` tokens: 2 per matmul weight per
-    token in the blocks (qkv, out, up, down: 12·D² a layer), 2·D·V per position the head scores (``head_positions``
-    a row, default all), and attention's QKᵀ and AV over the whole T×T square as the math kernel computes them
-    (2·2·L·T²·D a row; a causal flash kernel skips about half). A backward costs twice a forward."""
-    D, L, T = shape.d_model, shape.n_layers, seq_len
-    head = T if head_positions is None else head_positions
-    return rows * (2 * 12 * L * D * D * T + 2 * D * shape.vocab_size * head + 2 * 2 * L * T * T * D)
-
-
-def gpt_step_flops(shape, batch: int, seq_len: int, replay_rows: int = 0, teacher_rows: int = 0,
-                   sampled_rows: int = 0) -> float:
-    """Model FLOPs of one training step: the student's forward and backward (3x) over the data rows and
-    ``replay_rows`` replay rows (the losses score T-1 positions a row), the teacher's forward over ``teacher_rows``
-    (all T positions: its logits), and the forward of sampling ``sampled_rows`` rows (the step's share of
-    self-generated replay; counted as one forward of the rows)."""
-    student = gpt_forward_flops(shape, batch + replay_rows, seq_len, seq_len - 1)
-    return 3 * student + gpt_forward_flops(shape, teacher_rows + sampled_rows, seq_len)
-
-
 def matmul_gflops(size: int, device: torch.device, repeats: int = 5) -> float:
     """The best of ``repeats`` fp32 ``size`` x ``size`` matmuls, in GFLOP/s (2·n³ each), on this process's threads."""
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
@@ -180,7 +161,7 @@ def _rss_mib(field: str) -> Optional[float]:
 def bench_method(method: str, model: Optional[str], overrides: Sequence[str], steps: int, warmup: int) -> dict:
     """Steady-state time and peak memory of one method's optimizer step (or of sampling)."""
     from selfreplay.config import FINETUNE, TrainConfig, load_config
-    from selfreplay.train import prepare, set_threads
+    from selfreplay.train import prepare, set_threads, step_flops
     from selfreplay.train.build import build_parts
     from selfreplay.train.loop import Trainer
 
@@ -200,7 +181,7 @@ def bench_method(method: str, model: Optional[str], overrides: Sequence[str], st
                                             *METHODS[method]])
         cfg, kind, info = prepare(cfg, FINETUNE)
         parts = build_parts(cfg, kind, FINETUNE, info.device)
-        threads = set_threads(cfg, info.device, parts.model.num_params()["actual"])
+        threads = set_threads(cfg, info.device, step_flops(cfg, kind, parts))
         trainer = Trainer(cfg, parts, info.device)
         device = info.device
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

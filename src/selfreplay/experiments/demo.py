@@ -83,7 +83,7 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: str = "auto"  # torch.compile the model (auto: on CUDA)
-    threads: Optional[int] = None  # CPU threads per run (None: torch's default)
+    threads: Optional[int] = None  # CPU threads per run (None: by the work per step and the free cores)
 
 
 FULL = DemoConfig()
@@ -94,7 +94,7 @@ FULL = DemoConfig()
 # >= 95% while the new task is still learned; NTP replay is close but less reliable (method="ntp" to compare).
 CPU = replace(FULL, d_model=64, head_dim=8, batch_size=128, first_task_steps=800, first_task_lr=1e-2,
               steps_per_task=300, lr=5e-3, lr_schedule="cosine", warmup_steps=50, eval_every=50, eval_problems=256,
-              eval_batch=1024, replay_method="kl", replay_coeff=3.0, replay_batch=64, replay_buffer=32, threads=1)
+              eval_batch=1024, replay_method="kl", replay_coeff=3.0, replay_batch=64, replay_buffer=32)
 
 
 @dataclass
@@ -122,6 +122,19 @@ def check_demo_config(cfg: DemoConfig) -> None:
         raise SelfReplayError(f"demo lr_schedule={cfg.lr_schedule!r}: expected constant or cosine")
     if cfg.lr <= 0 or (cfg.first_task_lr is not None and cfg.first_task_lr <= 0) or cfg.replay_temperature <= 0:
         raise SelfReplayError("demo lr, first_task_lr and replay_temperature must be positive")
+
+
+def demo_threads(cfg: DemoConfig, runs: int = 1) -> int:
+    """``cfg.threads``, else ``OMP_NUM_THREADS``, else the rule of selfreplay.threads for ``runs`` runs side by
+    side, with the FLOPs of a step (the data rows, and replay rows with their teacher pass and sampling)."""
+    from selfreplay.models.gpt import gpt_step_flops
+    from selfreplay.threads import decide_threads, env_threads
+
+    shape = GPTConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, head_dim=cfg.head_dim, context=SEQ_LEN,
+                      vocab_size=VOCAB_SIZE)
+    replay = cfg.replay_batch if cfg.replay_batch is not None else cfg.batch_size
+    flops = gpt_step_flops(shape, cfg.batch_size, SEQ_LEN, replay, teacher_rows=replay, sampled_rows=replay)
+    return decide_threads(flops, runs, fixed=cfg.threads or env_threads())
 
 
 def task_steps(cfg: DemoConfig, n_tasks: int) -> list[int]:
@@ -263,8 +276,8 @@ def train_sequential(cfg: DemoConfig, method: str = "none", source: str = "self"
     if source not in SOURCES:
         raise SelfReplayError(f"replay source {source!r}: expected one of {', '.join(SOURCES)}")
     device = resolve_device(cfg.device)
-    if device.type == "cpu" and cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or demo_threads(cfg))
     tasks = tasks if tasks is not None else make_tasks(cfg.n_train, cfg.n_valid, cfg.seed)
     tasks = [TaskData(t.name, t.train.to(device), t.valid.to(device)) for t in tasks]
     n_eval = min(cfg.eval_problems or cfg.n_valid, cfg.n_valid)
@@ -430,6 +443,8 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     # the replay run forks from there. On a multi-core CPU the two runs then go on side by side, one core each.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parallel = dev.type == "cpu" and cores >= 2
+    if dev.type == "cpu":  # decided once for both runs (threads change the numbers, so they must not vary)
+        cfg = replace(cfg, threads=demo_threads(cfg, runs=2 if parallel else 1))
     lock, live = threading.Lock(), {}
 
     def save(run: RunResult) -> None:

@@ -73,7 +73,7 @@ from selfreplay.errors import SelfReplayError
 SCALES = ("cpu", "gpu", "paper", "smoke")
 STAGE_KEYS = {"kind", "base", "grid", "from", "select", "variants"}
 TOP_KEYS = {"name", "description", "prepare", "common", "stages", "scales", "paper", "report", "launcher"}
-IGNORED_WHEN_COMPARING = ("log", "run_dir")
+IGNORED_WHEN_COMPARING = ("log", "run_dir", "threads")  # threads: the machine's, recorded by the run
 BUDGET_ONLY = ("target_kl_step", "target_kl_smoothing", "target_kl_gain", "coeff_min", "coeff_max")
 
 

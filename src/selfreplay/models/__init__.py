@@ -52,6 +52,26 @@ def load_model(name_or_path: str, device="cpu", dtype="auto", revision: Optional
     return load_hf(hf_path(name_or_path), dtype, device, revision, trust_remote_code)
 
 
+def saved_param_count(name_or_path: str) -> Optional[int]:
+    """Parameters in a local model's safetensors files (read from their headers, no weights loaded); None for a
+    hub id or a model saved otherwise."""
+    import math
+
+    from safetensors import safe_open
+
+    files = sorted(Path(hf_path(name_or_path)).glob("*.safetensors")) if Path(name_or_path).is_dir() else []
+    total = 0
+    try:
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    shape = f.get_slice(key).get_shape()
+                    total += math.prod(shape)
+    except Exception:  # noqa: BLE001 (a damaged file is reported when the model is loaded, not here)
+        return None
+    return total or None
+
+
 def merged_state(net, state: dict) -> dict:
     """A built-in GPT's full state dict with its LoRA adapters folded into the weights (see models.lora)."""
     import torch

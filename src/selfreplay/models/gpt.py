@@ -46,6 +46,27 @@ class GPTConfig:
             raise SelfReplayError(f"model.{bad[0]}={values[bad[0]]!r}: expected an integer")
         return cls(**values)
 
+
+def gpt_forward_flops(shape: GPTConfig, rows: int, seq_len: int, head_positions: Optional[int] = None) -> float:
+    """FLOPs of the built-in GPT's forward over ``rows`` sequences of ``seq_len`` tokens: 2 per matmul weight per
+    token in the blocks (qkv, out, up, down: 12·D² a layer), 2·D·V per position the head scores (``head_positions``
+    a row, default all), and attention's QKᵀ and AV over the whole T×T square as the math kernel computes them
+    (2·2·L·T²·D a row; a causal flash kernel skips about half). A backward costs twice a forward."""
+    D, L, T = shape.d_model, shape.n_layers, seq_len
+    head = T if head_positions is None else head_positions
+    return rows * (2 * 12 * L * D * D * T + 2 * D * shape.vocab_size * head + 2 * 2 * L * T * T * D)
+
+
+def gpt_step_flops(shape: GPTConfig, batch: int, seq_len: int, replay_rows: int = 0, teacher_rows: int = 0,
+                   sampled_rows: int = 0) -> float:
+    """Model FLOPs of one training step: the student's forward and backward (3x) over the data rows and
+    ``replay_rows`` replay rows (the losses score T-1 positions a row), the teacher's forward over ``teacher_rows``
+    (all T positions: its logits), and the forward of sampling ``sampled_rows`` rows (the step's share of
+    self-generated replay; counted as one forward of the rows)."""
+    student = gpt_forward_flops(shape, batch + replay_rows, seq_len, seq_len - 1)
+    return 3 * student + gpt_forward_flops(shape, teacher_rows + sampled_rows, seq_len)
+
+
 ROPE_BASE = 10_000.0
 
 

@@ -11,9 +11,6 @@ from typing import Callable, Optional
 
 from selfreplay.config import FINETUNE, PRETRAIN, TrainConfig
 
-SMALL_MODEL_PARAMS = 20_000_000  # below this, one CPU thread per run is fastest (measured in BENCHMARKS.md)
-
-
 def model_kind_of(cfg: TrainConfig, command: str) -> str:
     """``gpt`` or ``hf``: pretraining builds a GPT; finetuning takes the kind of the model it starts from."""
     if command == PRETRAIN or not cfg.model.model_name_or_path:
@@ -23,16 +20,57 @@ def model_kind_of(cfg: TrainConfig, command: str) -> str:
     return model_kind(cfg.model.model_name_or_path)
 
 
-def set_threads(cfg: TrainConfig, device, num_params: Optional[int] = None) -> int:
-    """CPU threads: ``threads``, else 1 for small models (threads wait on each other more than they help)."""
+def step_flops(cfg: TrainConfig, kind: str, parts, world: int = 1) -> float:
+    """Model FLOPs of one optimizer step on one rank: the built-in GPT's count (models.gpt.gpt_step_flops), else
+    6 x parameters x tokens; replay rows count as data rows plus a teacher forward."""
+    seq_len = getattr(parts.data, "seq_len", None) or cfg.data.seq_len or 512
+    replay = cfg.replay.batch_size if parts.penalty is not None and parts.penalty.source is not None else 0
+    rows, replay = cfg.data.batch_size / world, (replay or 0) / world
+    if kind == "gpt":
+        from selfreplay.models.gpt import GPTConfig, gpt_step_flops
+
+        return gpt_step_flops(GPTConfig.of(cfg.model), rows, seq_len, replay, teacher_rows=replay)
+    params = parts.model.num_params()["actual"]
+    return (6 * (rows + replay) + 2 * replay) * params * seq_len
+
+
+def recorded_threads(run_dir) -> Optional[int]:
+    """The thread count a run recorded in its saved config.yaml (what a resumed run reuses), if any."""
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    threads = saved.get("threads") if isinstance(saved, dict) else None
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None
+
+
+def set_threads(cfg: TrainConfig, device, flops_per_step: Optional[float] = None, resume: bool = False) -> int:
+    """CPU threads of a run, decided once and recorded in ``cfg.threads`` (so in its config.yaml and checkpoints):
+    ``threads`` if given; a resumed run's recorded count (the count changes the run's bits); ``OMP_NUM_THREADS``
+    if set; else the rule of :mod:`selfreplay.threads` (the work per step and the free cores). Under torchrun
+    rank 0 decides for the ranks of its machine and every rank takes its answer."""
+    import os
+
     import torch
+
+    from selfreplay.threads import decide_threads, env_threads
+    from selfreplay.train.distributed import broadcast_object, env_world
 
     if device.type != "cpu":
         return torch.get_num_threads()
-    threads = cfg.threads or (1 if num_params is not None and num_params < SMALL_MODEL_PARAMS else None)
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
+    rank, world = env_world()[:2]
+    fixed = cfg.threads or (recorded_threads(cfg.run_dir) if resume and cfg.run_dir else None) or env_threads()
+    runs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
+    threads = broadcast_object(decide_threads(flops_per_step, runs, fixed) if rank == 0 else None)
+    if threads is None:  # torchrun's variables without a process group (a tool's own process)
+        threads = decide_threads(flops_per_step, 1, fixed)
+    torch.set_num_threads(threads)
+    cfg.threads = threads
+    return threads
 
 
 def prepare(cfg: TrainConfig, command: str) -> tuple[TrainConfig, str, "object"]:
@@ -82,5 +120,5 @@ def train(cfg: TrainConfig, command: str = PRETRAIN, resume: bool = False,
     cfg, kind, info = prepare(cfg, command)
     _refuse_foreign_run_dir(cfg, info.rank, resume)
     parts = build_parts(cfg, kind, command, info.device, info.rank, info.world_size)
-    set_threads(cfg, info.device, parts.model.num_params()["actual"])
+    set_threads(cfg, info.device, step_flops(cfg, kind, parts, info.world_size), resume)
     return Trainer(cfg, parts, info.device, resume, on_step).run()

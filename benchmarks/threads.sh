@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Thread scaling of the plain training step (BENCHMARKS.md "Threads"): four built-in GPT shapes at 1 and 2 torch
-# threads, on an idle machine and with a shell busy-loop keeping one core busy. Needs `selfreplay` on PATH.
+# threads and at the default count (the thread rule), on an idle machine and with a shell busy-loop keeping one
+# core busy. Needs `selfreplay` on PATH.
 set -u
 declare -A MODEL
 MODEL[bench]=""
@@ -10,10 +11,11 @@ MODEL[capacity]="model.d_model=16 model.n_layers=1 model.head_dim=16 model.conte
 for load in idle busy; do
   if [ "$load" = busy ]; then (while :; do :; done) & BUSY=$!; fi
   for m in bench en_es frontier capacity; do
-    for t in 1 2; do
+    for t in 1 2 default; do  # default: the thread rule (selfreplay.threads) decides
       steps=30; [ "$m" = bench ] && steps=3
+      arg="threads=$t"; [ "$t" = default ] && arg=""
       # shellcheck disable=SC2086
-      row=$(selfreplay bench --methods plain --steps $steps --warmup 2 threads=$t ${MODEL[$m]} 2>/dev/null | grep -E "^plain")
+      row=$(selfreplay bench --methods plain --steps $steps --warmup 2 $arg ${MODEL[$m]} 2>/dev/null | grep -E "^plain|params\) on" | tr "\n" " ")
       echo "$load $m threads=$t :: $row"
     done
   done

@@ -3,6 +3,7 @@ forgetting baseline of a finetuning run, and metrics.jsonl (truncation on resume
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +245,26 @@ def test_an_evaluation_runs_the_model_and_the_teacher_once_per_held_out_batch(tm
     batches = [len(b) for loader in (trainer.data, trainer.parts.prev) for b in loader.valid_batches(12)]
     assert batches == [12, 12, 12, 4] * 2
     assert student == teacher == [12] * 8  # the ragged last batch is padded to 12 rows
+
+
+
+def test_a_chunked_evaluation_never_imports_the_compiler():
+    # torch.utils.checkpoint's first call imports torch._dynamo (seconds of every CPU run's start-up); an evaluation
+    # has no backward to recompute for, so its chunks run plainly (and give the by-hand numbers)
+    import subprocess
+    import sys
+
+    script = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_evaluate_metrics import _models
+from selfreplay.evaluate.metrics import score
+model, teacher, batches = _models()
+got = score(model, batches, teacher=teacher, chunk_size=4)
+print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, **got}))
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got.pop("dynamo") is False
+    _assert_matches(got, _by_hand(*_models()))

@@ -131,17 +131,22 @@ def position_sum(hidden: torch.Tensor, head: Callable, tokens: torch.Tensor, mas
     if chunk_size is None or w.numel() <= chunk_size:
         values = fn(head(hidden[:, :-1]), tokens[:, 1:], *[a[:, :-1] for a in aligned])
         return _weighted_sum(values, w)
-    from torch.utils.checkpoint import checkpoint
-
     def chunk(h, y, ww, *a):
         return _weighted_sum(fn(head(h), y, *a), ww)
+
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        from torch.utils.checkpoint import checkpoint  # (its first call imports torch._dynamo: seconds per process)
+
+        run_chunk = lambda *args: checkpoint(chunk, *args, use_reentrant=False)  # noqa: E731
+    else:  # nothing to recompute in backward: an evaluation, a teacher
+        run_chunk = chunk
 
     flat_w = w.reshape(-1)
     rows = flat_w.nonzero().squeeze(-1)
     total = hidden.sum().float() * 0.0  # connected to the graph even when no position counts (broadcasts to a vector)
     for idx in rows.split(chunk_size):
-        total = total + checkpoint(chunk, _gather(hidden, idx), _gather(tokens, idx, 1), flat_w[idx],
-                                   *[_gather(a, idx) for a in aligned], use_reentrant=False)
+        total = total + run_chunk(_gather(hidden, idx), _gather(tokens, idx, 1), flat_w[idx],
+                                  *[_gather(a, idx) for a in aligned])
     return total
 
 

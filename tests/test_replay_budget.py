@@ -59,17 +59,17 @@ def test_a_short_cosine_run_reaches_the_target_from_a_start_far_too_high(need, n
     assert max(ratios[15:]) < 1.3
 
 
-def test_a_kl_that_stays_low_while_the_student_moves_lets_the_coefficient_fall_after_the_hold():
-    budget = ForgettingBudget(target=0.05, start=10.0, smoothing=0.9)  # the hold: 1 / (1 - 0.9) = 10 peak-LR steps
-    for _ in range(8):
-        budget.update(torch.tensor(0.001))
-    assert float(budget.coeff) == 10.0
-    for _ in range(12):  # a warmup at a tenth of the peak LR: 1.2 LR-weighted steps, not yet released
-        budget.update(torch.tensor(0.001), lr_scale=0.1)
-    assert float(budget.coeff) == 10.0
-    for _ in range(40):
-        budget.update(torch.tensor(0.001))
-    assert float(budget.coeff) < 5.0
+@pytest.mark.parametrize("level,holds,falls", [(1.0, True, False), (0.4, True, True), (0.05, False, True)])
+def test_a_kl_on_its_way_up_holds_the_coefficient_until_it_levels_off_under_the_target(level, holds, falls):
+    # a student starting to move: its KL climbs from 0 towards a level (15% of the rest of the way per step); c
+    # holds while the KL climbs towards the target, falls once it levels off under it, and falls at once when the
+    # KL climbs to a twentieth of the target only (c is far too high)
+    budget, coeffs = ForgettingBudget(target=0.05, start=10.0), []
+    for t in range(40):
+        budget.update(torch.tensor(0.05 * level * (1 - 0.85 ** t)))
+        coeffs.append(float(budget.coeff))
+    assert (min(coeffs[:6]) >= 10.0) if holds else (coeffs[5] < 5.0)
+    assert (coeffs[-1] < 2.0) if falls else (coeffs[-1] >= 10.0)
 
 
 def test_the_coefficient_rises_over_the_target_at_once_and_resumes_from_its_state():
@@ -78,7 +78,7 @@ def test_the_coefficient_rises_over_the_target_at_once_and_resumes_from_its_stat
         budget.update(torch.tensor(5.0))  # the first update: held and left out of the average, whatever its value
         assert float(budget.coeff) == 2.0
         budget.update(torch.tensor(kl))
-    assert float(loud.coeff) > 2.0 and float(quiet.coeff) == 2.0  # over the target: no hold
+    assert float(loud.coeff) > 2.0 and float(quiet.coeff) == 2.0  # over the target: at once; under: not yet
     assert float(loud.smoothed_kl) == pytest.approx(0.5)
     resumed = ForgettingBudget(0.1, 2.0)
     resumed.load_state_dict(quiet.state_dict())

@@ -5,8 +5,8 @@ Users think "learn the new data, lose at most this much of the old", not "coeffi
 optimizer step by dual ascent on log c, at the pace of the learning rate:
 
     k̄  ← smoothing · k̄ + (1 - smoothing) · KL_step          (bias-corrected, as Adam's moments; from update 2)
-    g  ← 0.8 · g + 0.2 · Δ log k̄ / (lr / peak lr)            (the KL's trend per LR-weighted step)
-    e  = clamp(log(k̄ / target) + H · max(g, 0), -1, 0.05)    (H = 1 / (1 - smoothing); e ≥ 0 until released)
+    g  ← 0.8 · g + 0.2 · Δ log k̄                             (the KL's trend per step)
+    e  = clamp(log(k̄ / target) + H · max(g, 0), -2, 0.05)    (H = 1 / (1 - smoothing), the average's span)
     I  ← clamp(I + step · (lr / peak lr) · e, log coeff_min, log coeff_max)    (I starts at log replay.coeff)
     log c = clamp(I + gain · e, log coeff_min, log coeff_max)  (gain 0, the default: plain dual ascent)
 
@@ -15,23 +15,22 @@ so c shrinks while the replay KL is (and is heading) under the target and grows 
 Why this shape:
 - the step follows the LR schedule: the student moves in proportion to the LR, so c moves little during the warmup
   and the final decay, when the KL cannot answer it, and most while the LR peaks;
-- the error is the KL *predicted* H LR-weighted steps ahead from its rising trend, not the KL now: the KL answers a
-  change of c only after some steps (the student has to move, the average has to follow, H steps of lag), so a
-  controller that waits for the KL itself to reach the target has by then pushed c far past the value that meets
-  it, and the KL overshoots (up to 1.7x on a lagged student) or c must fall slowly (the earlier design, 0.05 per
-  peak-LR step, ended a 150-step cosine run with c still 4x too high and the KL at 0.28x its target). With the
-  trend, c falls fast (0.2 per peak-LR step) while the KL stays low and stops as soon as the KL is on its way up:
-  on a lagged simulated student the KL then settles within 5% of the target with no overshoot, and a fall from
-  c = 10 to 0.1 fits in a 150-step cosine run. Only a rising trend counts: a falling KL never speeds a fall;
-- start-up: a KL under the target says c is too high only once the student has had time to move. The first update
-  holds c and stays out of the average (its KL is measured at the teacher's own weights: 0), and c may rise but not
-  fall until it is *released*: when the smoothed KL first reaches half the target (the student answers) or after
-  as many LR-weighted steps (Σ lr / peak lr) as the average spans, H (the KL stayed low although the student
-  moved: c is indeed too high). Without the hold, the near-zero KL of the first steps drove c down at once, and the
-  KL then overshot (13x the target on a tiny finetune) while c climbed back for hundreds of steps;
-- c falls up to 20x faster than it rises: with a fixed c the replay KL runs up to 2x above its final value while the
-  LR is high (the new data pulls first, the penalty catches up), so a c that rose fast to hold the KL at the target
-  then would end under it.
+- the error is the KL *predicted* H steps ahead from its rising trend, not the KL now. The KL answers a change of c
+  only after some steps (the student has to move, the average has to follow), so a controller that waits for the
+  KL itself to reach the target has by then pushed c far past the value that meets it: the KL overshoots, or c
+  must fall slowly. With the trend c falls fast (up to 0.4 per peak-LR step, 40x its rise) while the KL stays low,
+  and stops as soon as the KL is on its way up. The same term is the start-up: the first update's KL is measured
+  at the teacher's own weights (0), so it holds c and stays out of the average; after it, a KL near 0 that is
+  rising says the student has only started to move (c holds), while one that stays low says c is indeed too high
+  (c falls). Only a rising trend counts: a falling KL never speeds a fall;
+- c rises slowly: with a fixed c the replay KL runs up to 2x above its final value while the LR is high (the new
+  data pulls first, the penalty catches up), so a c that rose fast to hold the KL at the target then would end
+  under it.
+Measured (docs/budget.md): on a lagged simulated student the KL settles within 5% of the target with no overshoot
+(the previous design, which held c until the KL reached half the target and then fell at most 0.05 per peak-LR
+step: 1.67x), a fall from c = 10 to 0.1 fits in a 150-step cosine run (then: c ended at 0.37, the KL at 0.19x
+its target), and on a tiny constant-LR finetune the KL peaks at 1.9x a 0.05 target (without the start-up
+handling, c falling from the first step: 5.3x).
 A c that sits at ``coeff_min`` / ``coeff_max`` while the KL pushes it further (an infeasible target) is warned about,
 once per bound.
 
@@ -50,13 +49,11 @@ import torch
 
 from selfreplay.errors import SelfReplayError
 
-# one step at the peak LR moves log c up by at most step · 0.05 and down by at most step · 1 (see above)
-MAX_RISE, MAX_FALL = 0.05, 1.0
+# one step at the peak LR moves log c up by at most step · 0.05 and down by at most step · 2 (see above)
+MAX_RISE, MAX_FALL = 0.05, 2.0
 TREND_SMOOTHING = 0.8  # the trend's own moving average (Δ log k̄ per step is noisy)
-MIN_LR_SCALE = 0.05  # the trend per LR-weighted step divides by the LR scale: not by the last steps' ~0 of a decay
-RELEASE_FRACTION = 0.5  # falls are held until the smoothed KL reaches this fraction of the target (or see below)
 CHECK_EVERY = 25  # updates between host reads of the state (the warning at a bound)
-STATE = ("integral", "log_coeff", "average", "updates", "lr_steps", "released", "trend", "last_log_kl")
+STATE = ("integral", "log_coeff", "average", "updates", "trend", "last_log_kl")
 
 
 class ForgettingBudget:
@@ -68,7 +65,7 @@ class ForgettingBudget:
         check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain, prefix)
         self.target, self.step, self.smoothing, self.gain = float(target), float(step), float(smoothing), float(gain)
         self.coeff_min, self.coeff_max, self.prefix = float(coeff_min), float(coeff_max), prefix
-        self.horizon = 1.0 / (1.0 - self.smoothing)  # the average's span (its lag), in LR-weighted steps
+        self.horizon = 1.0 / (1.0 - self.smoothing)  # the average's span (its lag), in steps
         self.log_min, self.log_max = math.log(coeff_min), math.log(coeff_max)
         start = min(max(start, coeff_min), coeff_max)
 
@@ -79,9 +76,7 @@ class ForgettingBudget:
         self.log_coeff = self.integral.clone()
         self.average = scalar(0.0)  # EMA of the replay KL from the second update on, biased to 0
         self.updates = scalar(0.0)
-        self.lr_steps = scalar(0.0)  # Σ lr / peak lr over the updates after the first
-        self.released = scalar(0.0)  # 1 once c may fall (see the module docstring)
-        self.trend = scalar(0.0)  # the smoothed rise of log k̄ per LR-weighted step
+        self.trend = scalar(0.0)  # the smoothed rise of log k̄ per step
         self.last_log_kl = scalar(0.0)  # log k̄ after the last averaged update
         self._pushed = scalar(0.0)  # the last update's error: its sign says where the KL pushes c
         self._warned: set[str] = set()
@@ -104,19 +99,17 @@ class ForgettingBudget:
         kl = kl.detach().to(self.average.device, torch.float64)
         counted = (self.updates > 0).double()  # the first update's KL is at the teacher's weights: held, unaveraged
         self.average = torch.lerp(self.average, self.smoothing * self.average + (1.0 - self.smoothing) * kl, counted)
-        self.lr_steps = self.lr_steps + float(lr_scale) * counted
         self.updates = self.updates + 1
         smoothed = self.smoothed_kl
         log_kl = torch.log(smoothed.clamp_min(self.target * 1e-6))
-        rise = (log_kl - self.last_log_kl) / max(float(lr_scale), MIN_LR_SCALE)
-        trended = (self.updates > 2).double()  # a trend needs two averaged updates
+        rise = log_kl - self.last_log_kl
+        trended = (self.updates > 2).double()  # a trend needs two averaged updates: until then c may only rise
         self.trend = torch.lerp(self.trend, TREND_SMOOTHING * self.trend + (1.0 - TREND_SMOOTHING) * rise, trended)
         self.last_log_kl = torch.lerp(self.last_log_kl, log_kl, counted)
-        answered = (smoothed >= RELEASE_FRACTION * self.target) | (self.lr_steps >= self.horizon)
-        self.released = torch.maximum(self.released, answered.double() * counted)
-        predicted = log_kl - math.log(self.target) + self.horizon * self.trend.clamp_min(0.0)
-        error = predicted.clamp(-MAX_FALL, MAX_RISE)
-        error = torch.where(self.released > 0, error, error.clamp_min(0.0)) * counted
+        trend = self.trend / (1.0 - TREND_SMOOTHING ** (self.updates - 2).clamp_min(1.0))  # bias-corrected
+        predicted = log_kl - math.log(self.target) + self.horizon * trend.clamp_min(0.0)
+        error = torch.where(trended > 0, predicted.clamp(-MAX_FALL, MAX_RISE), predicted.clamp(0.0, MAX_RISE))
+        error = error * counted
         self.integral = (self.integral + self.step * float(lr_scale) * error).clamp(self.log_min, self.log_max)
         self.log_coeff = (self.integral + self.gain * error).clamp(self.log_min, self.log_max)
         self._pushed = error
@@ -143,9 +136,7 @@ class ForgettingBudget:
 
     def load_state_dict(self, state: dict) -> None:
         device = self.log_coeff.device
-        updates = float(state["updates"])  # checkpoints of earlier designs: the start-up hold released after
-        state = {"integral": state["log_coeff"], "lr_steps": max(updates - 1, 0.0),  # update 1, the integral kept
-                 "released": float(updates > 1), "trend": 0.0, **state}  # apart, no trend
+        state = {"integral": state["log_coeff"], "trend": 0.0, **state}  # checkpoints of earlier designs
         for name in STATE:
             if name in state:
                 setattr(self, name, torch.tensor(state[name], dtype=torch.float64, device=device))

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 MEASURE_S = 0.25  # between the two reads of /proc/stat
-# Each thread beyond the first needs this much work per step. BENCHMARKS.md "Threads": idle, 2 threads win 1.5x at
-# 0.32 GFLOP, the smallest step measured there; smaller steps could not be timed on an idle machine, so the
-# threshold stays below that known win.
+# Each thread beyond the first needs this much work per step. BENCHMARKS.md "Threads": idle, 2 threads take 0.6x
+# the time of one at 0.32 GFLOP per step, but 0.91-1.10x at 0.004-0.08 GFLOP (not worth a core another run could use).
 FLOPS_PER_EXTRA_THREAD = 200e6
 FREE_CORES_ENV = "SELFREPLAY_FREE_CORES"
 PROC_STAT = "/proc/stat"

@@ -127,11 +127,12 @@ class ReplayConfig:
                                       "1e-3; ewc 100", FINETUNE)
     target_kl: Optional[float] = _f(None, "forgetting budget, nats per token: adapt c so that the replay KL tracks "
                                           "it (method=kl; c starts at replay.coeff)", FINETUNE)
-    target_kl_step: float = _f(0.2, "target_kl: step of log c per optimizer step at the peak LR, times "
-                                    "clamp(log(KL/target), -2, 0.05)", FINETUNE)
-    target_kl_smoothing: float = _f(0.9, "target_kl: moving-average factor of the replay KL estimate", FINETUNE)
-    target_kl_gain: float = _f(0.0, "target_kl: proportional gain, log c = integral + gain · clamp(log(KL/target), "
-                                    "-2, 0.05)", FINETUNE)
+    target_kl_step: float = _f(0.2, "target_kl: step of log c per optimizer step at the peak LR, times the error "
+                                    "clamp(log(KL/target) + H · rising trend of log KL, -2, 0.05)", FINETUNE)
+    target_kl_smoothing: float = _f(0.9, "target_kl: moving-average factor of the replay KL estimate (its span H = "
+                                         "1 / (1 - smoothing) steps is also how far ahead the trend predicts)",
+                                    FINETUNE)
+    target_kl_gain: float = _f(0.0, "target_kl: proportional gain, log c = integral + gain · error", FINETUNE)
     coeff_min: float = _f(1e-3, "target_kl: lower clamp of c", FINETUNE)
     coeff_max: float = _f(1e4, "target_kl: upper clamp of c", FINETUNE)
     ewc_sequences: int = _f(64, "method=ewc: replay sequences the teacher's diagonal Fisher is estimated from",

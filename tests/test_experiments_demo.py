@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 
 from conftest import one_line_error
 from selfreplay.data.toy import EOS, SEQ_LEN, TASK_TOKEN, TASKS, VOCAB_SIZE, make_tasks
@@ -62,6 +63,23 @@ def test_train_sequential_records_and_determinism(method, source, tmp_path):
             assert "train_replay" not in records[-1]
     again = train_sequential(TINY, method, source, tasks, out_dir=tmp_path / "b")
     assert [r["val_loss"] for r in again.records] == [r["val_loss"] for r in first.records]
+
+
+def test_the_first_task_runs_on_its_own_thread_count_and_records_it(tmp_path):
+    # the demo trains the first task alone, on the cores the two runs will share afterwards
+    tasks = make_tasks(TINY.n_train, TINY.n_valid, seed=0)
+    seen = []
+    before = torch.get_num_threads()
+    try:
+        train_sequential(TINY, "none", "self", tasks, out_dir=tmp_path, first_task_threads=2,
+                         on_first_task=lambda run: seen.append(torch.get_num_threads()),
+                         on_task_end=lambda result: seen.append(torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 2, 1, 1, 1]  # the first task's callbacks, then one per later task
+    counts = [yaml.safe_load((tmp_path / "runs" / ("none" if k else "first") / f"{k}_{name}" / "config.yaml")
+                             .read_text())["threads"] for k, name in enumerate(TASKS)]
+    assert counts == [2, 1, 1, 1]
 
 
 def test_methods_share_initialisation_and_data_order(tmp_path):

@@ -286,7 +286,7 @@ def train_sequential(cfg: DemoConfig, method: str = "none", source: str = "self"
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="selfreplay-demo-"))
     run = start or start_run(cfg, method, source, device)
     for k in range(1 if start is not None else 0, len(tasks)):
-        threads = (first_task_threads if k == 0 and first_task_threads else run_threads) if run_threads else None
+        threads = first_task_threads if k == 0 and first_task_threads else run_threads  # None: not a CPU
         if threads:
             torch.set_num_threads(threads)
         train_stage(replace(cfg, threads=threads) if threads else cfg, run, tasks, k, out, valid)

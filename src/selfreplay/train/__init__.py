@@ -38,11 +38,12 @@ def recorded_threads(run_dir) -> Optional[int]:
     """The thread count a run recorded in its saved config.yaml (what a resumed run reuses), if any."""
     from pathlib import Path
 
-    import yaml
+    from selfreplay.errors import SelfReplayError
+    from selfreplay.yamlfile import read_yaml
 
     try:
-        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+        saved = read_yaml(Path(run_dir) / "config.yaml")
+    except SelfReplayError:  # none yet, or unreadable: the resume reports that itself
         return None
     threads = saved.get("threads") if isinstance(saved, dict) else None
     return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None

@@ -15,7 +15,7 @@ from selfreplay.data.batch import Batch
 from selfreplay.data.corpus import Corpus
 from selfreplay.data.loader import CorpusLoader
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate.metrics import METRICS, MetricsLogger, parameter_norms, read_metrics, score
+from selfreplay.evaluate.metrics import METRICS, MetricsLogger, TeacherCache, parameter_norms, read_metrics, score
 from selfreplay.models.builtin import load_gpt_run, wrap_gpt
 from selfreplay.models.core import Teacher
 from selfreplay.models.gpt import GPT, GPTConfig
@@ -105,6 +105,7 @@ class _RecordingShapes(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner, self.shapes = inner, []
+        self.vocab_size = inner.vocab_size
 
     def forward(self, input_ids, *args, **kwargs):
         self.shapes.append(tuple(input_ids.shape))
@@ -121,6 +122,38 @@ def test_score_fills_a_ragged_last_batch_with_rows_that_count_for_nothing():
     even = score(recording, batches, teacher, rank=0, world=2)  # rank 0: rows 0 and 2, then row 0 and a filler
     assert recording.shapes[2:] == [(2, 8), (2, 8)]
     _assert_matches(even, _by_hand(model, teacher, [b.rows(slice(0, None, 2)) for b in batches]))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_a_teacher_cache_saves_the_teachers_forward_on_later_evaluations_with_the_same_numbers(chunk_size):
+    model, teacher, batches = _models()
+    g = torch.Generator().manual_seed(2)
+    masks = [(torch.rand(b.tokens.shape, generator=g) > 0.3).float() for b in batches]  # rows that do not count
+    masked = [Batch(b.tokens, m) for b, m in zip(batches, masks)]
+    want = score(model, masked, teacher, chunk_size=chunk_size)
+    _assert_matches(want, _by_hand(model, teacher, batches, masks))
+    calls = _RecordingShapes(teacher.module)
+    counted = Teacher(calls)
+    for budget, forwards in ((1 << 20, [2, 0, 0]),  # the teacher's side of every batch fits: made once
+                             (3 * 7 * 22 * 4 + 2 * 3 * 8 * 32 * 4, [2, 0, 0]),  # the first batch's side + forward
+                             (0, [2, 2, 2])):  # nothing fits: the teacher runs every time
+        cache = TeacherCache(budget)
+        for expected in forwards:
+            calls.shapes.clear()
+            assert score(model, masked, counted, chunk_size=chunk_size, teacher_cache=cache, cache_key="v") == want
+            assert len(calls.shapes) == expected, budget
+    # other rows under the same key are recomputed, not read from the cache
+    other = [Batch(torch.randint(0, 20, (3, 8), generator=g)), Batch(torch.randint(0, 20, (2, 8), generator=g))]
+    assert score(model, other, teacher, chunk_size=chunk_size, teacher_cache=cache, cache_key="v") == \
+        score(model, other, teacher, chunk_size=chunk_size)
+    # the student moved: the cached teacher side still gives the by-hand numbers of the new student
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    cache = TeacherCache(1 << 20)
+    score(model, masked, teacher, chunk_size=chunk_size, teacher_cache=cache, cache_key="v")
+    _assert_matches(score(model, masked, teacher, chunk_size=chunk_size, teacher_cache=cache, cache_key="v"),
+                    _by_hand(model, teacher, batches, masks))
 
 
 def test_score_without_target_tokens_is_a_one_line_error():
@@ -245,6 +278,10 @@ def test_an_evaluation_runs_the_model_and_the_teacher_once_per_held_out_batch(tm
     batches = [len(b) for loader in (trainer.data, trainer.parts.prev) for b in loader.valid_batches(12)]
     assert batches == [12, 12, 12, 4] * 2
     assert student == teacher == [12] * 8  # the ragged last batch is padded to 12 rows
+    student.clear()
+    teacher.clear()
+    assert trainer.evaluate() == record  # the teacher's side is kept (the student has not moved): same numbers
+    assert student == [12] * 8 and teacher == []
 
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,31 +42,46 @@ def eval_chunk_size(vocab_size: int, device, chunk_size: Optional[int] = None) -
     return max(16, CPU_CHUNK_BYTES // (4 * vocab_size))
 
 
-def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], teacher_head, chunk_size) -> torch.Tensor:
+def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], teacher_head, chunk_size,
+                stored: Optional["_TeacherSide"] = None) -> torch.Tensor:
     """[nll, nll over the second half, correct, kl, teacher nll, count, count of the second half] of one batch.
 
     ``teacher`` is the teacher's logits, or with ``teacher_head`` its hidden states (logits made chunk by chunk).
+    ``stored``: the teacher's side kept from an earlier evaluation (``teacher`` is then None), or a store to fill.
     One pass: each position's logits are made once and give every quantity.
     """
-    T = tokens.shape[1]
+    B, T = tokens.shape
     second_half = torch.zeros_like(mask)  # at predicting position t: is the target t+1 in the second half?
     second_half[:, T // 2 - 1:] = 1.0
     logits_of = (lambda t: teacher_head(t).to(hidden.device)) if teacher_head is not None else (lambda t: t)
+    with_teacher = teacher is not None or stored is not None
 
-    def quantities(logits, y, in_half, *t):
+    def teacher_side(y, rest) -> tuple:
+        """The teacher's probabilities p, Σ p log p and NLL at these positions: kept, or made (and kept)."""
+        if stored is not None and stored.filled:
+            return stored.read(rest[-1])
+        t_logp = F.log_softmax(logits_of(rest[0]).float(), dim=-1)
+        p = t_logp.exp()
+        side = (p, torch.linalg.vecdot(p, t_logp), -t_logp.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+        if stored is not None:
+            stored.write(rest[-1], *side)
+        return side
+
+    def quantities(logits, y, in_half, *rest):
         logp = F.log_softmax(logits.float(), dim=-1)  # once, for the loss and the KL
         nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         values = [nll, nll * in_half, (logits.max(-1).indices == y).float()]  # max: argmax's index, 2x faster
-        if t:
-            t_logp = F.log_softmax(logits_of(t[0]).float(), dim=-1)
-            t_nll = -t_logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            p = t_logp.exp()
-            kl = torch.linalg.vecdot(p, t_logp.sub_(logp))  # KL(teacher || model), without a [.., V] product
+        if with_teacher:
+            p, p_logp, t_nll = teacher_side(y, rest)
+            kl = p_logp - torch.linalg.vecdot(p, logp)  # KL(teacher || model) = Σ p log p - Σ p log q: 0 if equal
             values += [kl, t_nll]
         return torch.stack(values, -1)
 
-    aligned = (second_half,) if teacher is None else (second_half, teacher)
-    n = len(aligned) * 2 + 1  # without a teacher, its KL and loss are 0
+    aligned = (second_half,) + ((teacher,) if teacher is not None else ())
+    if stored is not None:  # each predicting position's row in the store
+        rows = torch.arange(B * (T - 1), device=hidden.device).view(B, T - 1)
+        aligned += (torch.cat((rows, rows.new_zeros(B, 1)), 1),)
+    n = 5 if with_teacher else 3  # without a teacher, its KL and loss are 0
     sums = position_sum(hidden, head, tokens, mask, quantities, *aligned, chunk_size=chunk_size)
     sums = sums.double().expand(n)  # (a scalar 0 when no position counts)
     sums = torch.cat((sums, sums.new_zeros(5 - n)))
@@ -73,17 +89,97 @@ def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], tea
     return torch.cat((sums, torch.stack((mask[:, 1:].sum(), half_count)).double().to(sums.device)))
 
 
+class _TeacherSide:
+    """What :func:`_batch_sums` needs of the teacher at each predicting position of one batch (B·(T-1) rows):
+    its probabilities [.., V], Σ p log p and its NLL. Filled once, then read."""
+
+    def __init__(self, positions: int, vocab_size: int, device):
+        self.p = torch.empty(positions, vocab_size, device=device)
+        self.p_logp = torch.empty(positions, device=device)
+        self.nll = torch.empty(positions, device=device)
+        self.filled = False
+
+    def write(self, rows: torch.Tensor, p, p_logp, nll) -> None:
+        rows = rows.reshape(-1)
+        self.p.index_copy_(0, rows, p.reshape(len(rows), -1))
+        self.p_logp.index_copy_(0, rows, p_logp.reshape(-1))
+        self.nll.index_copy_(0, rows, nll.reshape(-1))
+
+    def read(self, rows: torch.Tensor) -> tuple:
+        shape, flat = rows.shape, rows.reshape(-1)
+        first, n = int(flat[0]), len(flat)
+        if int(flat[-1]) - first + 1 == n:  # consecutive rows (no padding between): views, no copy
+            p, p_logp, nll = self.p[first:first + n], self.p_logp[first:first + n], self.nll[first:first + n]
+        else:
+            p, p_logp, nll = (x.index_select(0, flat) for x in (self.p, self.p_logp, self.nll))
+        return p.view(*shape, -1), p_logp.view(shape), nll.view(shape)
+
+
+@dataclass
+class _Kept:
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    size: int
+    stored: Optional[_TeacherSide] = None  # the teacher's side of the sums, or
+    output: Optional[tuple] = None  # the teacher forward's (output, head), until that side is filled
+
+
+class TeacherCache:
+    """What the frozen teacher computes on a fixed evaluation set, kept across evaluations (and across the models
+    `selfreplay eval` scores against one teacher): per batch its side of the sums (probabilities, Σ p log p, NLL)
+    while they fit in ``budget_bytes``, else its forward's output while that fits. Exact: the kept tensors are the
+    ones the teacher made, so each later evaluation skips the teacher's forward and softmax, with the same numbers.
+    An entry keeps its batch's tokens and mask: a batch that differs under the same key is recomputed.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self._kept: dict = {}
+
+    def get(self, key, tokens: torch.Tensor, mask: torch.Tensor, vocab_size: int, device,
+            forward: Callable[[], tuple]) -> tuple:
+        """(teacher output, teacher head, its kept side of the sums) of a batch; what is not kept is computed."""
+        kept = self._kept.get(key)
+        if kept is not None and torch.equal(kept.tokens, tokens) and torch.equal(kept.mask, mask):
+            if kept.stored is not None and kept.stored.filled:
+                return None, None, kept.stored
+            if kept.output is not None:
+                return (*kept.output, kept.stored)
+        if kept is not None:  # another batch under this key
+            self.used -= kept.size
+            del self._kept[key]
+        t_out, t_head = forward()
+        B, T = tokens.shape
+        for size, stored, output in ((B * (T - 1) * (vocab_size + 2) * 4, True, None),
+                                     (t_out.numel() * t_out.element_size(), False, (t_out, t_head))):
+            if self.used + size <= self.budget:
+                stored = _TeacherSide(B * (T - 1), vocab_size, device) if stored else None
+                self._kept[key] = _Kept(tokens.clone(), mask.clone(), size, stored, output)
+                self.used += size
+                return t_out, t_head, stored
+        return t_out, t_head, None
+
+    def filled(self, key) -> None:
+        """The batch's teacher side is all written: the teacher's output is no longer needed."""
+        kept = self._kept.get(key)
+        if kept is not None and kept.stored is not None:
+            kept.stored.filled, kept.output = True, None
+
+
 @torch.no_grad()
 def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast: Optional[Callable] = None,
           chunk_size: Optional[int] = None, rank: int = 0, world: int = 1,
-          should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+          should_stop: Optional[Callable[[], bool]] = None, teacher_cache: Optional[TeacherCache] = None,
+          cache_key: Hashable = None) -> dict[str, float]:
     """Loss, second-half loss, accuracy (and with a teacher: its loss and KL) over every target token.
 
     ``batches`` are global batches; each rank scores rows rank, rank+world, ... and the sums are added over ranks
     (every rank makes the same number of forward calls, as FSDP's collectives need). Every call has the first
     call's number of rows: a smaller (last) share is filled with copies of a row that count for nothing, so a
     compiled model sees one shape. ``should_stop`` is asked before each batch; when it says yes,
-    :class:`EvaluationAbandoned` is raised (the result would be partial).
+    :class:`EvaluationAbandoned` is raised (the result would be partial). ``teacher_cache`` keeps the teacher's
+    results on these batches (under ``cache_key``) for the next call.
     """
     from selfreplay.train.distributed import reduce_sum
 
@@ -93,7 +189,7 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
     model.eval()
     rows = None  # the rows of every call
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             if should_stop is not None and should_stop():
                 raise EvaluationAbandoned
             index = torch.arange(rank, len(batch), world)  # this rank's rows
@@ -105,13 +201,23 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
             mask = part.mask()
             mask[counted:] = 0.0
             with autocast():
-                t_out, t_head = None, None
-                if teacher is not None and chunk_size is None:
-                    t_out = teacher(part.tokens, position_ids=part.position_ids)
-                elif teacher is not None:
-                    t_out, t_head = teacher.hidden_and_head(part.tokens, position_ids=part.position_ids)
+                t_out, t_head, stored = None, None, None
+                if teacher is not None:
+                    def forward(part=part):
+                        if chunk_size is None:
+                            return teacher(part.tokens, position_ids=part.position_ids), None
+                        return teacher.hidden_and_head(part.tokens, position_ids=part.position_ids)
+
+                    if teacher_cache is None:
+                        t_out, t_head = forward()
+                    else:
+                        t_out, t_head, stored = teacher_cache.get((cache_key, i), part.tokens, mask,
+                                                                  teacher.module.vocab_size, device, forward)
+                extra = {} if stored is None else {"stored": stored}  # (a compiled forward sees the same kwargs)
                 total += model(part.tokens, position_ids=part.position_ids, head_fn=_batch_sums, tokens=part.tokens,
-                               mask=mask, teacher=t_out, teacher_head=t_head, chunk_size=chunk_size)
+                               mask=mask, teacher=t_out, teacher_head=t_head, chunk_size=chunk_size, **extra)
+                if stored is not None:
+                    teacher_cache.filled((cache_key, i))
     finally:
         model.train(was_training)
     s = dict(zip(_SUMS, reduce_sum(total).tolist()))

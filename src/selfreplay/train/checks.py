@@ -105,6 +105,9 @@ def validate(cfg: TrainConfig, kind: str, command: str, world: int = 1) -> None:
                         ("checkpoint.every_tokens", cfg.checkpoint.every_tokens),
                         ("checkpoint.every_steps", cfg.checkpoint.every_steps)):
         _positive(name, value)
+    if not 0 <= cfg.eval.teacher_cache_mb <= 1 << 24:
+        raise SelfReplayError(f"eval.teacher_cache_mb={cfg.eval.teacher_cache_mb}: expected megabytes from 0 (off) "
+                              f"to {1 << 24}")
     if cfg.data.valid_tokens < 0 or cfg.data.valid_examples < 0:
         raise SelfReplayError("data.valid_tokens / data.valid_examples: must be >= 0")
     per_rank = world * cfg.gradient_accumulation_steps

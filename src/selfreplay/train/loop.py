@@ -28,8 +28,8 @@ import torch
 
 from selfreplay.config import TrainConfig, config_to_dict, config_to_yaml
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate.metrics import (EvaluationAbandoned, MetricsLogger, eval_chunk_size, parameter_norms,
-                                        score)
+from selfreplay.evaluate.metrics import (EvaluationAbandoned, MetricsLogger, TeacherCache, eval_chunk_size,
+                                        parameter_norms, score)
 from selfreplay.progress import progress
 from selfreplay.train import checkpoint as ckpt
 from selfreplay.train import distributed as dist
@@ -143,6 +143,9 @@ class Trainer:
         self.eval_chunk_size = self.chunk_size  # a compiled forward or ranks' collectives: as training chunks
         if self.eval_forward is self.module and self.world == 1:
             self.eval_chunk_size = eval_chunk_size(self.model.vocab_size, device, self.chunk_size)
+        self.teacher_cache = None  # the teacher is frozen and the held-out rows fixed: its results are kept
+        if self.teacher is not None and device.type == "cpu" and cfg.eval.teacher_cache_mb > 0:
+            self.teacher_cache = TeacherCache(cfg.eval.teacher_cache_mb << 20)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:
             raise SelfReplayError("no trainable parameters (check lora.targets)")
@@ -216,19 +219,19 @@ class Trainer:
         """Whether a signal asks to abandon the running evaluation (one process only: ranks would disagree)."""
         return self.world == 1 and self.guard.received is not None
 
-    def _score(self, loader, teacher):
+    def _score(self, loader, teacher, name: str):
         return score(self.eval_forward, loader.valid_batches(self.cfg.eval.batch_size, self.cfg.eval.max_tokens),
                      teacher, self.device, self.autocast, self.eval_chunk_size, self.rank, self.world,
-                     should_stop=self._signalled)
+                     should_stop=self._signalled, teacher_cache=self.teacher_cache, cache_key=name)
 
     def evaluate(self) -> dict:
         """Held-out metrics of the new data (valid_*) and the old (prev_*, forgetting), drift, extra evaluators."""
         out: dict = {}
-        valid = self._score(self.data, self.teacher)
+        valid = self._score(self.data, self.teacher, "valid")
         valid.pop("teacher_loss", None)
         out.update({f"valid_{k}": v for k, v in valid.items()})
         if self.parts.prev is not None:
-            prev = self._score(self.parts.prev, self.teacher)
+            prev = self._score(self.parts.prev, self.teacher, "prev")
             if self.state.prev_teacher_loss is None:  # the model before finetuning (step 0)
                 self.state.prev_teacher_loss = prev.get("teacher_loss", prev["loss"])
             prev.pop("teacher_loss", None)

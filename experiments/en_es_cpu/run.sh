@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # small models: one thread per run, two runs side by side
+# Threads: a run alone takes what the thread rule picks for its work (every free core here); the two finetunes that
+# run side by side take one core each.
 
 [ -f work_data/tok4096.json ] || selfreplay tokenizer train "$DATA/en.txt.xz" "$DATA/es.txt.xz" \
     --out work_data/tok4096.json --vocab-size 4096 --max-lines 60000 --shuffle-seed 0
@@ -21,9 +22,10 @@ finetune() {  # name, overrides...
     [ -f "runs/en_es_cpu/$name/model.safetensors" ] || \
         selfreplay finetune experiments/en_es_cpu/finetune.yaml "run_dir=runs/en_es_cpu/$name" "$@"
 }
-finetune ft_plain &
-finetune ft_kl_real replay.method=kl
-wait
+finetune ft_plain threads=1 &
+plain=$!
+finetune ft_kl_real replay.method=kl threads=1
+wait "$plain"  # (a bare `wait` would not fail with it)
 finetune ft_kl_self replay.method=kl replay.source=self
 
 selfreplay eval runs/en_es_cpu/ft_plain runs/en_es_cpu/ft_kl_real runs/en_es_cpu/ft_kl_self \

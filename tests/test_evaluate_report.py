@@ -269,6 +269,22 @@ def test_cli_eval_builtin_run_on_its_corpus(gpt_runs, tmp_path, capsys):
                              _corpus_batches(gpt_runs["corpus"], 320, 8)))
 
 
+def test_models_scored_against_one_teacher_share_its_side_of_the_sums(gpt_runs, monkeypatch):
+    from selfreplay.models.core import Teacher
+
+    forwards = []
+    original = Teacher.hidden_and_head
+    monkeypatch.setattr(Teacher, "hidden_and_head", lambda self, *a, **k: forwards.append(1) or original(self, *a, **k))
+    student, teacher = gpt_runs["student"], gpt_runs["teacher"]
+    rows = forgetting_report([student, teacher, student], [gpt_runs["corpus"]], teacher=teacher, batch_size=8,
+                             device="cpu", show_progress=False)
+    assert len(forwards) == 3  # the 3 held-out batches, for the first model only
+    assert rows[0] == rows[2]
+    _close(rows[0], _reference(gpt_runs["student_net"], gpt_runs["teacher_net"], _corpus_batches(
+        gpt_runs["corpus"], 320, 7)))
+    assert rows[1]["kl"] == 0.0 and rows[1]["delta"] == 0.0  # the teacher against itself: exactly 0
+
+
 def test_cli_eval_wrong_kind_of_data_or_teacher(files, gpt_runs, capsys):
     cases = [
         (["eval", files["student_dir"], "--corpus", gpt_runs["corpus"]], "token corpora"),

@@ -61,10 +61,11 @@ def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], tea
         if stored is not None and stored.filled:
             return stored.read(rest[-1])
         t_logp = F.log_softmax(logits_of(rest[0]).float(), dim=-1)
-        p = t_logp.exp()
+        slot = stored.slot(rest[-1]) if stored is not None else None
+        p = t_logp.exp() if slot is None else torch.exp(t_logp, out=slot)  # (straight into the store)
         side = (p, torch.linalg.vecdot(p, t_logp), -t_logp.gather(-1, y.unsqueeze(-1)).squeeze(-1))
         if stored is not None:
-            stored.write(rest[-1], *side)
+            stored.write(rest[-1], *side, p_written=slot is not None)
         return side
 
     def quantities(logits, y, in_half, *rest):
@@ -99,20 +100,31 @@ class _TeacherSide:
         self.nll = torch.empty(positions, device=device)
         self.filled = False
 
-    def write(self, rows: torch.Tensor, p, p_logp, nll) -> None:
-        rows = rows.reshape(-1)
-        self.p.index_copy_(0, rows, p.reshape(len(rows), -1))
-        self.p_logp.index_copy_(0, rows, p_logp.reshape(-1))
-        self.nll.index_copy_(0, rows, nll.reshape(-1))
+    def _span(self, rows: torch.Tensor) -> Optional[slice]:
+        """The rows as a slice of the store when they are consecutive (no padding between them), else None."""
+        flat = rows.reshape(-1)
+        first, n = int(flat[0]), len(flat)
+        return slice(first, first + n) if int(flat[-1]) - first + 1 == n else None
+
+    def slot(self, rows: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where the rows' probabilities go, when they can be written in place."""
+        span = self._span(rows)
+        return None if span is None else self.p[span].view(*rows.shape, -1)
+
+    def write(self, rows: torch.Tensor, p, p_logp, nll, p_written: bool = False) -> None:
+        flat = rows.reshape(-1)
+        if not p_written:
+            self.p.index_copy_(0, flat, p.reshape(len(flat), -1))
+        self.p_logp.index_copy_(0, flat, p_logp.reshape(-1))
+        self.nll.index_copy_(0, flat, nll.reshape(-1))
 
     def read(self, rows: torch.Tensor) -> tuple:
-        shape, flat = rows.shape, rows.reshape(-1)
-        first, n = int(flat[0]), len(flat)
-        if int(flat[-1]) - first + 1 == n:  # consecutive rows (no padding between): views, no copy
-            p, p_logp, nll = self.p[first:first + n], self.p_logp[first:first + n], self.nll[first:first + n]
+        span = self._span(rows)
+        if span is not None:  # views, no copy
+            p, p_logp, nll = self.p[span], self.p_logp[span], self.nll[span]
         else:
-            p, p_logp, nll = (x.index_select(0, flat) for x in (self.p, self.p_logp, self.nll))
-        return p.view(*shape, -1), p_logp.view(shape), nll.view(shape)
+            p, p_logp, nll = (x.index_select(0, rows.reshape(-1)) for x in (self.p, self.p_logp, self.nll))
+        return p.view(*rows.shape, -1), p_logp.view(rows.shape), nll.view(rows.shape)
 
 
 @dataclass

@@ -13,9 +13,12 @@ import os
 from typing import Optional, Sequence
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate.metrics import eval_chunk_size, score
+from selfreplay.evaluate.metrics import TeacherCache, eval_chunk_size, score
 from selfreplay.models import CausalLM, Teacher, load_model
 from selfreplay.progress import progress
+
+
+TEACHER_CACHE_MB = 1024  # as eval.teacher_cache_mb: a teacher's kept side of the sums, over all data sets
 
 
 def _split_for(corpus_path: str, infos: list[dict], valid_tokens: Optional[int], split_seed: Optional[int]):
@@ -65,6 +68,7 @@ def forgetting_report(models: Sequence[str], corpora: Sequence[str] = (), data: 
     dev = resolve_device(device)
     autocast = autocast_for(dev, "auto")
     teachers: dict[str, CausalLM] = {}
+    caches: dict[str, TeacherCache] = {}  # per teacher: its side of the sums, for every model scored against it
     rows = []
     bar = progress(len(models) * (len(corpora) + len(data)), "eval", "sets", show_progress)
     for name in models:
@@ -82,7 +86,11 @@ def forgetting_report(models: Sequence[str], corpora: Sequence[str] = (), data: 
         chunk = eval_chunk_size(model.vocab_size, dev, 1024 if model.vocab_size >= 32768 else None)
         for label, loader in _sets(model, name, teacher_obj, corpora, data, valid_tokens, split_seed, batch_size,
                                    seq_len, split, text_field):
-            metrics = score(model, loader.valid_batches(batch_size, max_tokens), teacher_obj, dev, autocast, chunk)
+            cache = None
+            if teacher_obj is not None and dev.type == "cpu":
+                cache = caches.setdefault(teacher_name, TeacherCache(TEACHER_CACHE_MB << 20))
+            metrics = score(model, loader.valid_batches(batch_size, max_tokens), teacher_obj, dev, autocast, chunk,
+                            teacher_cache=cache, cache_key=label)
             row = {"model": name, "data": label, "loss": metrics["loss"],
                    "loss_second_half": metrics["loss_second_half"], "accuracy": metrics["accuracy"]}
             if teacher_obj is not None:

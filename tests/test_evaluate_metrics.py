@@ -122,6 +122,12 @@ def test_score_fills_a_ragged_last_batch_with_rows_that_count_for_nothing():
     even = score(recording, batches, teacher, rank=0, world=2)  # rank 0: rows 0 and 2, then row 0 and a filler
     assert recording.shapes[2:] == [(2, 8), (2, 8)]
     _assert_matches(even, _by_hand(model, teacher, [b.rows(slice(0, None, 2)) for b in batches]))
+    # eager (no compiled shape to keep): no filler rows, the same numbers; an empty share still makes its call
+    assert score(recording, batches, teacher, same_shape=False) == pytest.approx(got, rel=1e-6)
+    assert recording.shapes[4:] == [(3, 8), (2, 8)]
+    odd = score(recording, [batches[0], batches[1].rows(slice(0, 1))], teacher, rank=1, world=2, same_shape=False)
+    assert recording.shapes[6:] == [(1, 8), (1, 8)]  # rank 1: row 1, then a weightless filler for its empty share
+    _assert_matches(odd, _by_hand(model, teacher, [batches[0].rows(slice(1, 2))]))
 
 
 @pytest.mark.parametrize("chunk_size", [None, 5])
@@ -277,11 +283,11 @@ def test_an_evaluation_runs_the_model_and_the_teacher_once_per_held_out_batch(tm
     assert {"valid_kl", "prev_kl", "forgetting"} <= set(record)
     batches = [len(b) for loader in (trainer.data, trainer.parts.prev) for b in loader.valid_batches(12)]
     assert batches == [12, 12, 12, 4] * 2
-    assert student == teacher == [12] * 8  # the ragged last batch is padded to 12 rows
+    assert student == teacher == [12, 12, 12, 4] * 2  # eager: the ragged last batch is not padded (compiled: 12)
     student.clear()
     teacher.clear()
     assert trainer.evaluate() == record  # the teacher's side is kept (the student has not moved): same numbers
-    assert student == [12] * 8 and teacher == []
+    assert student == [12, 12, 12, 4] * 2 and teacher == []
 
 
 

@@ -183,13 +183,13 @@ class TeacherCache:
 def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast: Optional[Callable] = None,
           chunk_size: Optional[int] = None, rank: int = 0, world: int = 1,
           should_stop: Optional[Callable[[], bool]] = None, teacher_cache: Optional[TeacherCache] = None,
-          cache_key: Hashable = None) -> dict[str, float]:
+          cache_key: Hashable = None, same_shape: bool = True) -> dict[str, float]:
     """Loss, second-half loss, accuracy (and with a teacher: its loss and KL) over every target token.
 
     ``batches`` are global batches; each rank scores rows rank, rank+world, ... and the sums are added over ranks
     (every rank makes the same number of forward calls, as FSDP's collectives need). Every call has the first
-    call's number of rows: a smaller (last) share is filled with copies of a row that count for nothing, so a
-    compiled model sees one shape. ``should_stop`` is asked before each batch; when it says yes,
+    call's number of rows (``same_shape``; else at least one): a smaller (last) share is filled with copies of a row
+    that count for nothing, so a compiled model sees one shape. ``should_stop`` is asked before each batch; when it says yes,
     :class:`EvaluationAbandoned` is raised (the result would be partial). ``teacher_cache`` keeps the teacher's
     results on these batches (under ``cache_key``) for the next call.
     """
@@ -207,8 +207,9 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
             index = torch.arange(rank, len(batch), world)  # this rank's rows
             counted = len(index)
             rows = rows or max(counted, 1)
-            if counted < rows:  # a ragged last batch, or this rank's share of it: weightless copies of row 0
-                index = torch.cat((index, index.new_zeros(rows - counted)))
+            wanted = rows if same_shape else max(counted, 1)
+            if counted < wanted:  # a ragged last batch, or this rank's share of it: weightless copies of row 0
+                index = torch.cat((index, index.new_zeros(wanted - counted)))
             part = batch.rows(index).to(device, non_blocking=True)
             mask = part.mask()
             mask[counted:] = 0.0

@@ -90,7 +90,7 @@ def forgetting_report(models: Sequence[str], corpora: Sequence[str] = (), data: 
             if teacher_obj is not None and dev.type == "cpu":
                 cache = caches.setdefault(teacher_name, TeacherCache(TEACHER_CACHE_MB << 20))
             metrics = score(model, loader.valid_batches(batch_size, max_tokens), teacher_obj, dev, autocast, chunk,
-                            teacher_cache=cache, cache_key=label)
+                            teacher_cache=cache, cache_key=label, same_shape=False)
             row = {"model": name, "data": label, "loss": metrics["loss"],
                    "loss_second_half": metrics["loss_second_half"], "accuracy": metrics["accuracy"]}
             if teacher_obj is not None:

@@ -222,7 +222,8 @@ class Trainer:
     def _score(self, loader, teacher, name: str):
         return score(self.eval_forward, loader.valid_batches(self.cfg.eval.batch_size, self.cfg.eval.max_tokens),
                      teacher, self.device, self.autocast, self.eval_chunk_size, self.rank, self.world,
-                     should_stop=self._signalled, teacher_cache=self.teacher_cache, cache_key=name)
+                     should_stop=self._signalled, teacher_cache=self.teacher_cache, cache_key=name,
+                     same_shape=self.eval_forward is not self.module)  # compiled: one shape; eager: no filler rows
 
     def evaluate(self) -> dict:
         """Held-out metrics of the new data (valid_*) and the old (prev_*, forgetting), drift, extra evaluators."""

@@ -144,7 +144,8 @@ class Trainer:
         if self.eval_forward is self.module and self.world == 1:
             self.eval_chunk_size = eval_chunk_size(self.model.vocab_size, device, self.chunk_size)
         self.teacher_cache = None  # the teacher is frozen and the held-out rows fixed: its results are kept
-        if self.teacher is not None and device.type == "cpu" and cfg.eval.teacher_cache_mb > 0:
+        eager = self.eval_forward is self.module  # (a compiled evaluation keeps one graph: the teacher runs each time)
+        if self.teacher is not None and device.type == "cpu" and eager and cfg.eval.teacher_cache_mb > 0:
             self.teacher_cache = TeacherCache(cfg.eval.teacher_cache_mb << 20)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:

@@ -53,13 +53,14 @@ def main() -> None:
     cache = TeacherCache(1 << 30)
 
     def cached():
-        return score(student, batches, teacher, chunk_size=chunk, teacher_cache=cache, cache_key="valid")
+        return score(student, batches, teacher, chunk_size=chunk, teacher_cache=cache, cache_key="valid",
+                     same_shape=False)
 
-    plain = best_of(args.rounds, lambda: score(student, batches, chunk_size=chunk))
-    every_time = best_of(args.rounds, lambda: score(student, batches, teacher, chunk_size=chunk))
+    plain = best_of(args.rounds, lambda: score(student, batches, chunk_size=chunk, same_shape=False))
+    every_time = best_of(args.rounds, lambda: score(student, batches, teacher, chunk_size=chunk, same_shape=False))
     fill = best_of(1, cached)
     kept = best_of(args.rounds, cached)
-    assert cached() == score(student, batches, teacher, chunk_size=chunk), "the cache changed the numbers"
+    assert cached() == score(student, batches, teacher, chunk_size=chunk, same_shape=False), "the cache changed them"
     print(f"{TOKENS} tokens, {args.threads} thread(s), best of {args.rounds}; cache {cache.used / 2**20:.0f} MB")
     for name, seconds in (("no teacher", plain), ("teacher every time", every_time), ("teacher cache: fill", fill),
                           ("teacher cache: kept", kept)):

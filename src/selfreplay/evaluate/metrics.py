@@ -189,9 +189,9 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
     ``batches`` are global batches; each rank scores rows rank, rank+world, ... and the sums are added over ranks
     (every rank makes the same number of forward calls, as FSDP's collectives need). Every call has the first
     call's number of rows (``same_shape``; else at least one): a smaller (last) share is filled with copies of a row
-    that count for nothing, so a compiled model sees one shape. ``should_stop`` is asked before each batch; when it says yes,
-    :class:`EvaluationAbandoned` is raised (the result would be partial). ``teacher_cache`` keeps the teacher's
-    results on these batches (under ``cache_key``) for the next call.
+    that count for nothing, so a compiled model sees one shape. ``should_stop`` is asked before each batch; when it
+    says yes, :class:`EvaluationAbandoned` is raised (the result would be partial). ``teacher_cache`` keeps the
+    teacher's results on these batches (under ``cache_key``) for the next call.
     """
     from selfreplay.train.distributed import reduce_sum
 

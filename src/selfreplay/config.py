@@ -179,9 +179,8 @@ class EvalConfig:
                                          "Face)")
     prev: Optional[str] = _f(None, "old data for prev_* and forgetting (default: the teacher's corpus)", FINETUNE)
     prev_split: str = _f("train", "eval.prev: dataset split", FINETUNE)
-    teacher_cache_mb: int = _f(1024, "on a CPU, keep the teacher's log-probabilities on the held-out rows (its "
-                                     "hidden states beyond) for later evaluations, up to this many MB (0: off)",
-                               FINETUNE)
+    teacher_cache_mb: int = _f(1024, "on a CPU, keep the teacher's probabilities on the held-out rows (its hidden "
+                                     "states beyond) for later evaluations, up to this many MB (0: off)", FINETUNE)
     mcq: list = _f([], "multiple-choice question files: log mcq_<name>_accuracy", FINETUNE)
     mcq_format: str = _f("auto", "eval.mcq prompts: auto (chat when the tokenizer has a template) | chat | plain",
                          FINETUNE)

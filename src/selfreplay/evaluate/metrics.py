@@ -226,7 +226,7 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
                     else:
                         t_out, t_head, stored = teacher_cache.get((cache_key, i), part.tokens, mask,
                                                                   teacher.module.vocab_size, device, forward)
-                extra = {} if stored is None else {"stored": stored}  # (a compiled forward sees the same kwargs)
+                extra = {} if stored is None else {"stored": stored}  # (without a cache, the kwargs of before)
                 total += model(part.tokens, position_ids=part.position_ids, head_fn=_batch_sums, tokens=part.tokens,
                                mask=mask, teacher=t_out, teacher_head=t_head, chunk_size=chunk_size, **extra)
                 if stored is not None:

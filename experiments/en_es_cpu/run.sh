@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-scale English -> Spanish forgetting run: tokenizer, token files, English pretraining, Spanish
 # finetuning (plain, KL on real English replay, KL on self-generated English replay), forgetting report.
-# About 10 minutes on a 2-core CPU. Outputs: work_data/ (tokens) and runs/en_es_cpu/ (checkpoints, metrics).
+# About 8 minutes on a 2-core CPU. Outputs: work_data/ (tokens) and runs/en_es_cpu/ (checkpoints, metrics).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data}

@@ -72,6 +72,24 @@ def test_a_kl_on_its_way_up_holds_the_coefficient_until_it_levels_off_under_the_
     assert (coeffs[-1] < 2.0) if falls else (coeffs[-1] >= 10.0)
 
 
+def test_through_a_warmup_the_kls_level_lowers_a_coefficient_far_too_high_and_resumes_exactly():
+    # the en_es finetune from c = 10, six times its c*: through the 24-step warmup the KL climbs to 0.6 of the
+    # target, its trend (from 0) predicting many times the target; holding c there cost 0.04 nats of Spanish
+    # against the fixed-coefficient line. At the peak LR the same climb holds c (the start-up test above)
+    def kl(t):
+        return torch.tensor(0.05 * 0.6 * (1 - 0.85 ** t))
+
+    budget, resumed = ForgettingBudget(0.05, 10.0), ForgettingBudget(0.05, 10.0)
+    for t in range(24):
+        budget.update(kl(t), lr_scale=(t + 1) / 24)
+        if t == 11:  # a checkpoint mid-warmup
+            resumed.load_state_dict(json.loads(json.dumps(budget.state_dict())))
+        elif t > 11:
+            resumed.update(kl(t), lr_scale=(t + 1) / 24)
+    assert float(budget.coeff) < 3.0  # the trend alone: 6.2
+    assert float(resumed.coeff) == float(budget.coeff)
+
+
 def test_the_coefficient_rises_over_the_target_at_once_and_resumes_from_its_state():
     loud, quiet = ForgettingBudget(0.1, 2.0), ForgettingBudget(0.1, 2.0)
     for budget, kl in ((loud, 0.5), (quiet, 0.001)):

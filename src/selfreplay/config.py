@@ -128,7 +128,8 @@ class ReplayConfig:
     target_kl: Optional[float] = _f(None, "forgetting budget, nats per token: adapt c so that the replay KL tracks "
                                           "it (method=kl; c starts at replay.coeff)", FINETUNE)
     target_kl_step: float = _f(0.2, "target_kl: step of log c per optimizer step at the peak LR, times the error "
-                                    "clamp(log(KL/target) + H · rising trend of log KL, -2, 0.05)", FINETUNE)
+                                    "clamp(log(KL/target) + H · rising trend of log KL, -2, 0.05); while the LR "
+                                    "warms up clamp(log(KL/target), -1, 0.05)", FINETUNE)
     target_kl_smoothing: float = _f(0.9, "target_kl: moving-average factor of the replay KL estimate (its span H = "
                                          "1 / (1 - smoothing) steps is also how far ahead the trend predicts)",
                                     FINETUNE)

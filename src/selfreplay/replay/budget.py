@@ -7,6 +7,7 @@ optimizer step by dual ascent on log c, at the pace of the learning rate:
     k̄  ← smoothing · k̄ + (1 - smoothing) · KL_step          (bias-corrected, as Adam's moments; from update 2)
     g  ← 0.8 · g + 0.2 · Δ log k̄                             (the KL's trend per step)
     e  = clamp(log(k̄ / target) + H · max(g, 0), -2, 0.05)    (H = 1 / (1 - smoothing), the average's span)
+    e  = clamp(log(k̄ / target), -1, 0.05)                    (instead, while the LR warms up)
     I  ← clamp(I + step · (lr / peak lr) · e, log coeff_min, log coeff_max)    (I starts at log replay.coeff)
     log c = clamp(I + gain · e, log coeff_min, log coeff_max)  (gain 0, the default: plain dual ascent)
 
@@ -23,6 +24,11 @@ Why this shape:
   at the teacher's own weights (0), so it holds c and stays out of the average; after it, a KL near 0 that is
   rising says the student has only started to move (c holds), while one that stays low says c is indeed too high
   (c falls). Only a rising trend counts: a falling KL never speeds a fall;
+- while the LR warms up, the KL's level speaks and its trend does not (c falls at most 0.2 per peak-LR step, half
+  its later pace): the KL then climbs from 0 at a pace the rising LR sets, and its trend predicts many times the
+  target whatever c is (the en_es finetune from c = 10: 0.3 per step at step 10, 30x the KL), so counting it held
+  a c six times too high through the 24-step warmup, where most of the new data is learned: 0.04 nats of Spanish
+  lost against the fixed-coefficient line, which falling on the level recovers (docs/budget.md);
 - c rises slowly: with a fixed c the replay KL runs up to 2x above its final value while the LR is high (the new
   data pulls first, the penalty catches up), so a c that rose fast to hold the KL at the target then would end
   under it.
@@ -51,6 +57,7 @@ from selfreplay.errors import SelfReplayError
 
 # one step at the peak LR moves log c up by at most step · 0.05 and down by at most step · 2 (see above)
 MAX_RISE, MAX_FALL = 0.05, 2.0
+MAX_FALL_WARMUP = 1.0  # while the LR rises: the error is the KL's level alone, and c falls at half the later pace
 TREND_SMOOTHING = 0.8  # the trend's own moving average (Δ log k̄ per step is noisy)
 CHECK_EVERY = 25  # updates between host reads of the state (the warning at a bound)
 STATE = ("integral", "log_coeff", "average", "updates", "trend", "last_log_kl")
@@ -81,6 +88,7 @@ class ForgettingBudget:
         self._pushed = scalar(0.0)  # the last update's error: its sign says where the KL pushes c
         self._warned: set[str] = set()
         self._host_updates = 0
+        self.last_lr_scale = 0.0  # the last update's LR over the peak LR (a host float: the schedule is known there)
 
     @property
     def coeff(self) -> torch.Tensor:
@@ -98,6 +106,7 @@ class ForgettingBudget:
         learning rate over the peak learning rate."""
         kl = kl.detach().to(self.average.device, torch.float64)
         counted = (self.updates > 0).double()  # the first update's KL is at the teacher's weights: held, unaveraged
+        warming_up, self.last_lr_scale = float(lr_scale) > self.last_lr_scale, float(lr_scale)
         self.average = torch.lerp(self.average, self.smoothing * self.average + (1.0 - self.smoothing) * kl, counted)
         self.updates = self.updates + 1
         smoothed = self.smoothed_kl
@@ -107,8 +116,11 @@ class ForgettingBudget:
         self.trend = torch.lerp(self.trend, TREND_SMOOTHING * self.trend + (1.0 - TREND_SMOOTHING) * rise, trended)
         self.last_log_kl = torch.lerp(self.last_log_kl, log_kl, counted)
         trend = self.trend / (1.0 - TREND_SMOOTHING ** (self.updates - 2).clamp_min(1.0))  # bias-corrected
-        predicted = log_kl - math.log(self.target) + self.horizon * trend.clamp_min(0.0)
-        error = torch.where(trended > 0, predicted.clamp(-MAX_FALL, MAX_RISE), predicted.clamp(0.0, MAX_RISE))
+        if warming_up:
+            predicted, fall = log_kl - math.log(self.target), MAX_FALL_WARMUP
+        else:
+            predicted, fall = log_kl - math.log(self.target) + self.horizon * trend.clamp_min(0.0), MAX_FALL
+        error = torch.where(trended > 0, predicted.clamp(-fall, MAX_RISE), predicted.clamp(0.0, MAX_RISE))
         error = error * counted
         self.integral = (self.integral + self.step * float(lr_scale) * error).clamp(self.log_min, self.log_max)
         self.log_coeff = (self.integral + self.gain * error).clamp(self.log_min, self.log_max)
@@ -132,7 +144,7 @@ class ForgettingBudget:
                               f"change the target)", stacklevel=2)
 
     def state_dict(self) -> dict:
-        return {name: float(getattr(self, name)) for name in STATE}
+        return {**{name: float(getattr(self, name)) for name in STATE}, "last_lr_scale": self.last_lr_scale}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.log_coeff.device
@@ -142,6 +154,7 @@ class ForgettingBudget:
                 setattr(self, name, torch.tensor(state[name], dtype=torch.float64, device=device))
         if "last_log_kl" not in state:
             self.last_log_kl = torch.log(self.smoothed_kl.clamp_min(self.target * 1e-6))
+        self.last_lr_scale = float(state.get("last_lr_scale", 1.0))  # (older checkpoints: as if at the peak LR)
 
 def check_budget(target, start, step, smoothing, coeff_min, coeff_max, gain=0.0, prefix: str = "replay.",
                  divergence: str = "forward_kl") -> None:

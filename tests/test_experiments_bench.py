@@ -39,6 +39,14 @@ def test_bench_times_every_method():
     assert "% matmul" in table and "fp32 256^2 matmul" in table
 
 
+def test_self_generated_replay_is_timed_over_whole_refills():
+    # buffer 2, one replay batch per step: a refill every 2 steps. 3 steps would time 1 or 2 refills for 3 steps
+    # (a third too little or too much sampling); the window is rounded up to 4 steps with exactly 2 refills
+    result, = run_bench(["kl_self"], None, TINY, steps=3, warmup=1, isolate=False)
+    assert (result["timed_steps"], result["refills"], result["buffer"]) == (4, 2, 2)
+    assert "timed over 4 steps with 2 refill(s)" in format_bench([result])
+
+
 def _math_attention_flops(fn) -> int:
     """FLOPs torch's counter sees in ``fn()``, attention run by the math kernel (its matmuls are counted)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

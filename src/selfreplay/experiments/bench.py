@@ -22,6 +22,7 @@ same process with the same threads (:func:`matmul_gflops`).
 from __future__ import annotations
 
 import json
+import math
 import resource
 import tempfile
 import time
@@ -40,7 +41,7 @@ METHODS = {"plain": ["replay.method=none"], "kl_real": ["replay.method=kl"], "kl
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for model FLOPs utilisation
 # the paper's setting on a GPU; a CPU gets a batch that finishes in seconds (BENCHMARKS.md)
 GPU_DEFAULTS = ["data.batch_size=256", "replay.batch_size=64", "replay.buffer=16"]
-CPU_DEFAULTS = ["data.batch_size=16", "replay.batch_size=4", "replay.buffer=4"]
+CPU_DEFAULTS = ["data.batch_size=16", "replay.batch_size=4", "replay.buffer=16"]  # the library's default buffer
 _LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                  intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                  max_position_embeddings=131072)
@@ -176,8 +177,9 @@ def bench_method(method: str, model: Optional[str], overrides: Sequence[str], st
             seq = next((int(o.split("=")[1]) for o in base if o.startswith("data.seq_len=")), 256)
             batch = next((int(o.split("=")[1]) for o in base if o.startswith("data.batch_size=")), 16)
             args = _hf_fixture(root, model, seq, batch) + base
+        # stop.steps beyond the timed steps: a self-generated replay buffer is never cut to the run's length
         cfg = load_config(TrainConfig, [], [f"run_dir={root / 'run'}", "optim.warmup_tokens=0", "log.progress=false",
-                                            "eval.every_steps=1000000", f"stop.steps={steps + warmup}", *args,
+                                            "eval.every_steps=1000000", f"stop.steps={steps + warmup + 4096}", *args,
                                             *METHODS[method]])
         cfg, kind, info = prepare(cfg, FINETUNE)
         parts = build_parts(cfg, kind, FINETUNE, info.device)
@@ -188,8 +190,13 @@ def bench_method(method: str, model: Optional[str], overrides: Sequence[str], st
         base_mib = _reset_peak(device)
         if method == "sampling":
             return _bench_sampling(trainer, steps, sync) | {"method": method, "device": str(device)}
-        for _ in range(warmup):
+        source = trainer.penalty.source if method == "kl_self" else None
+        for _ in range(max(warmup, 1) if source is not None else warmup):
             trainer.train_step()
+        if source is not None:  # whole refill periods: each step's share of sampling, not a refill more or less
+            per_step = source.state_dict()["batches"] // max(warmup, 1)
+            period = source.buffer // math.gcd(source.buffer, per_step)
+            steps, refills = -(-steps // period) * period, source.refills
         sync()
         start = time.perf_counter()
         for _ in range(steps):
@@ -203,6 +210,8 @@ def bench_method(method: str, model: Optional[str], overrides: Sequence[str], st
                   "seq_len": trainer.data.seq_len, "replay_rows": cfg.replay.batch_size if method != "plain" else 0,
                   "params": counts["actual"], "model": model or "built-in GPT " + "x".join(
                       str(getattr(cfg.model, k)) for k in ("d_model", "n_layers", "head_dim", "context"))}
+        if source is not None:
+            result.update(timed_steps=steps, refills=source.refills - refills, buffer=source.buffer)
         result.update(_peak(device, base_mib))
         if kind == "gpt":
             result.update(_limit_fields(trainer, cfg, method, seconds, device))
@@ -332,6 +341,10 @@ def format_bench(results: list[dict]) -> str:
         lines.append(f"{timed['model']} ({timed['params']:,} params) on {timed['device']}, {timed['threads']} "
                      f"thread(s); batch {timed['batch']} x {timed['seq_len']} tokens, replay rows "
                      f"{max(r.get('replay_rows', 0) for r in results)}; memory: {timed['memory_method']}")
+        sampled = next((r for r in results if "refills" in r), None)
+        if sampled:
+            lines.append(f"kl_self: timed over {sampled['timed_steps']} steps with {sampled['refills']} refill(s) of "
+                         f"replay.buffer={sampled['buffer']} batches (whole refill periods)")
         if timed.get("matmul_gflops"):
             lines.append(f"% matmul: the step's model FLOPs per second against an fp32 {timed['matmul_size']}^2 matmul "
                          f"in the same process ({timed['matmul_gflops']:,.1f} GFLOP/s)")

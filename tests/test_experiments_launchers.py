@@ -40,7 +40,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Ray keeps to 127.0.0.1 (instead of rewriting it to the machine's address, where its driver would wait forever
 # for a cluster that listens on loopback only); read when ray is imported, so set before any test imports it.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-TIME_COLUMNS = {"train_time"}  # wall-clock: the one column that differs between two runs of one grid
+TIME_COLUMNS = {"train_time", "eval_time"}  # wall-clock: the columns that differ between two runs of one grid
 
 
 def engine_missing(reason: str):

@@ -20,7 +20,7 @@ from selfreplay.evaluate.metrics import read_metrics
 from selfreplay.train import checkpoint as ckpt
 from selfreplay.train import train
 
-TIMING = {"train_time", "tokens_per_s", "replay_sample_time"}
+TIMING = {"train_time", "eval_time", "tokens_per_s", "replay_sample_time"}
 
 
 def strict_json(text: str):

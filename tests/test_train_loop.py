@@ -20,7 +20,7 @@ from selfreplay.train.build import build_parts
 from selfreplay.train.loop import Interrupted, Trainer
 from selfreplay.train.optim import lr_factor
 
-TIME_KEYS = ("train_time", "tokens_per_s", "replay_sample_time")  # wall-clock: differ between identical runs
+TIME_KEYS = ("train_time", "eval_time", "tokens_per_s", "replay_sample_time")  # wall-clock: differ between identical runs
 
 
 def cfg_for(run_dir, train_corpus, **extra) -> TrainConfig:
@@ -201,6 +201,21 @@ def test_resume_ends_with_the_same_weights(tmp_path, corpora, pretrained, kind):
     assert not ckpt.checkpoint_dir(crashed).exists()
     same_weights(tmp_path / "straight", crashed)
     assert without_time(read_metrics(crashed)) == without_time(read_metrics(tmp_path / "straight"))
+
+
+def test_evaluation_time_is_counted_apart_from_training_and_carried_through_a_resume(tmp_path, corpora):
+    # eval_time (HF's eval_runtime, summed): in every evaluation record, the summary and the checkpoint's counters
+    cfg = cfg_for(tmp_path / "run", corpora["en"], **{"stop.steps": 8, "eval.every_steps": 2,
+                                                        "checkpoint.every_steps": 4})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, "pretrain", on_step=_interrupt_at(6))
+    saved = ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "run"))["counters"]
+    logged = {r["step"]: r["eval_time"] for r in read_metrics(tmp_path / "run")}
+    assert saved["step"] == 4 and saved["eval_time"] == logged[4]  # the checkpoint carries what was logged
+    summary = train(cfg, "pretrain", resume=True, on_step=_at_most(8))
+    times = [r["eval_time"] for r in read_metrics(tmp_path / "run")]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 2, 4, 6, 8]
+    assert times == sorted(times) and summary["eval_time"] == times[-1] > saved["eval_time"]
 
 
 def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resumes(tmp_path, corpora, pretrained):

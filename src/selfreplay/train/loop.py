@@ -70,6 +70,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     train_time: float = 0.0
+    eval_time: float = 0.0  # seconds in evaluation (HF's eval_runtime, summed)
     next_eval_tokens: int = 0
     next_checkpoint_tokens: int = 0
     best_valid: float = float("inf")
@@ -428,7 +429,7 @@ class Trainer:
         source = self.penalty.source
         if source is not None:
             record["replay_sample_time"] = source.sample_seconds
-        before = st.prev_teacher_loss, _rng_state()
+        before, tick = (st.prev_teacher_loss, _rng_state()), time.perf_counter()
         try:
             record.update(self.evaluate())
         except EvaluationAbandoned:  # a signal: checkpoint the state before this evaluation, which resuming redoes
@@ -436,6 +437,8 @@ class Trainer:
             _set_rng_state(rng)
             st.eval_pending = True
             self._stop_for(self.guard.received)
+        st.eval_time += time.perf_counter() - tick
+        record["eval_time"] = st.eval_time
         if not math.isfinite(record["valid_loss"]):
             self._finite &= False
             self._check_finite("evaluation")

@@ -22,8 +22,8 @@ PAPER_SEQ_LEN = 256  # the paper's models: losses divided by all 256 positions
 
 RESULT_COLUMNS = ["stage", "run", "kind", "status", "upstream", "run_dir"]
 SUMMARY_KEYS = ["valid_loss", "prev_loss", "forgetting", "prev_kl", "valid_kl", "best_valid_loss",
-                "prev_loss_before", "steps", "tokens", "train_time", "eval_time", "stop_reason", "drift", "params", "replay_coeff",
-                "replay_kl_smoothed"]
+                "prev_loss_before", "steps", "tokens", "train_time", "eval_time", "stop_reason", "drift", "params",
+                "replay_coeff", "replay_kl_smoothed"]
 
 
 def _read_json(path: Path) -> Optional[dict]:

@@ -116,10 +116,9 @@ class ForgettingBudget:
         self.trend = torch.lerp(self.trend, TREND_SMOOTHING * self.trend + (1.0 - TREND_SMOOTHING) * rise, trended)
         self.last_log_kl = torch.lerp(self.last_log_kl, log_kl, counted)
         trend = self.trend / (1.0 - TREND_SMOOTHING ** (self.updates - 2).clamp_min(1.0))  # bias-corrected
-        if warming_up:
-            predicted, fall = log_kl - math.log(self.target), MAX_FALL_WARMUP
-        else:
-            predicted, fall = log_kl - math.log(self.target) + self.horizon * trend.clamp_min(0.0), MAX_FALL
+        predicted, fall = log_kl - math.log(self.target), MAX_FALL_WARMUP  # the level (while the LR warms up)
+        if not warming_up:
+            predicted, fall = predicted + self.horizon * trend.clamp_min(0.0), MAX_FALL
         error = torch.where(trended > 0, predicted.clamp(-fall, MAX_RISE), predicted.clamp(0.0, MAX_RISE))
         error = error * counted
         self.integral = (self.integral + self.step * float(lr_scale) * error).clamp(self.log_min, self.log_max)

@@ -437,7 +437,7 @@ class Trainer:
             _set_rng_state(rng)
             st.eval_pending = True
             self._stop_for(self.guard.received)
-        st.eval_time += time.perf_counter() - tick
+        st.eval_time += self._elapsed(tick)
         record["eval_time"] = st.eval_time
         if not math.isfinite(record["valid_loss"]):
             self._finite &= False

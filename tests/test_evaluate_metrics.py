@@ -162,6 +162,32 @@ def test_a_teacher_cache_saves_the_teachers_forward_on_later_evaluations_with_th
                     _by_hand(model, teacher, batches, masks))
 
 
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_a_model_that_is_its_teacher_is_scored_by_the_teacher_alone_with_the_same_numbers(chunk_size):
+    model, teacher, batches = _models()
+    model.net.load_state_dict(teacher.module.net.state_dict())
+    masks = [(torch.rand(b.tokens.shape, generator=torch.Generator().manual_seed(3)) > 0.3).float() for b in batches]
+    masked = [Batch(b.tokens, m) for b, m in zip(batches, masks)]
+    want = _by_hand(model, teacher, batches, masks)
+    calls = _RecordingShapes(teacher.module)
+    for cache in (None, TeacherCache(1 << 20)):
+        model_calls = []
+        _counting_forward(model, model_calls)
+        got = score(model, masked, Teacher(calls), chunk_size=chunk_size, teacher_cache=cache, cache_key="v",
+                    model_is_teacher=True)
+        assert model_calls == [] and len(calls.shapes) == 2
+        calls.shapes.clear()
+        _assert_matches(got, want)
+        assert got["kl"] == 0.0 and got["loss"] == got["teacher_loss"]
+    # the store that pass filled serves a student that has moved
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    _assert_matches(score(model, masked, teacher, chunk_size=chunk_size, teacher_cache=cache, cache_key="v"),
+                    _by_hand(model, teacher, batches, masks))
+    assert calls.shapes == []
+
+
 def test_score_without_target_tokens_is_a_one_line_error():
     model, _, batches = _models()
     with pytest.raises(SelfReplayError, match="no held-out target tokens") as e:
@@ -265,7 +291,8 @@ def _counting_forward(module, calls: list) -> None:
 
 def test_an_evaluation_runs_the_model_and_the_teacher_once_per_held_out_batch(tmp_path, pretrained, corpora):
     """KL replay with eval.prev: the new data's and the old data's held-out batches, 12 rows each (40 rows: 12 + 12
-    + 12 + 4), each scored with one forward of the student and one of the teacher."""
+    + 12 + 4), each scored with one forward of the student and one of the teacher; before the first update, when
+    the student is its teacher, with the teacher's alone."""
     from selfreplay.config import FINETUNE
     from selfreplay.train import prepare
     from selfreplay.train.build import build_parts
@@ -279,11 +306,24 @@ def test_an_evaluation_runs_the_model_and_the_teacher_once_per_held_out_batch(tm
     student, teacher = [], []
     _counting_forward(trainer.model, student)
     _counting_forward(trainer.teacher.module, teacher)
-    record = trainer.evaluate()
-    assert {"valid_kl", "prev_kl", "forgetting"} <= set(record)
     batches = [len(b) for loader in (trainer.data, trainer.parts.prev) for b in loader.valid_batches(12)]
     assert batches == [12, 12, 12, 4] * 2
-    assert student == teacher == [12, 12, 12, 4] * 2  # eager: the ragged last batch is not padded (compiled: 12)
+    first = trainer.evaluate()  # step 0: the student is its teacher
+    assert student == [] and teacher == [12, 12, 12, 4] * 2  # eager: the ragged last batch is not padded
+    assert first["valid_kl"] == first["prev_kl"] == first["forgetting"] == 0.0
+    assert first["prev_loss"] == first["prev_teacher_loss"]
+    trainer.teacher_cache = None  # the same numbers from a pass of each model
+    both = trainer._score(trainer.parts.prev, trainer.teacher, "prev")
+    assert both["loss"] == first["prev_loss"] and both["accuracy"] == first["prev_accuracy"] and both["kl"] == 0.0
+    trainer.train_step()
+    trainer.state.step = 1
+    student.clear()
+    teacher.clear()
+    record = trainer.evaluate()
+    assert student == teacher == [12, 12, 12, 4] * 2
+    assert record["prev_kl"] > 1e-4 and record["forgetting"] != 0.0
+    trainer.teacher_cache = TeacherCache(1 << 30)
+    assert trainer.evaluate() == record
     student.clear()
     teacher.clear()
     assert trainer.evaluate() == record  # the teacher's side is kept (the student has not moved): same numbers

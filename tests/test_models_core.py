@@ -108,3 +108,26 @@ def test_builtin_frozen_copy_teacher():
     torch.testing.assert_close(teacher(ids), before)
     assert teacher(ids).requires_grad is False
     assert teacher.module.vocab_size == VOCAB and teacher.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("build", [_gpt, _hf_llama], ids=["gpt", "hf_llama"])
+def test_a_model_computes_like_its_teacher_until_its_first_update(build):
+    """Before its first update a finetune's evaluation runs only the teacher: that needs the model's logits to be
+    the teacher's exactly, and any update (or another dtype) to end it."""
+    model, ids = build().train(), _ids(seed=5)
+    teacher = Teacher.frozen_copy(model)
+    assert teacher.computes_like(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids), teacher(ids))
+    assert not Teacher.frozen_copy(model, dtype=torch.float64).computes_like(model)
+    _train_step(model, ids, lr=0.1)
+    assert not teacher.computes_like(model)
+
+    lora = _gpt(seed=6).train()
+    apply_lora(lora.net, r=4, alpha=8, targets=("qkv", "out", "up", "down"), seed=0)
+    base = Teacher.adapters_off(lora)
+    assert base.computes_like(lora) and not base.computes_like(_gpt(seed=6))
+    with torch.no_grad():
+        assert torch.equal(lora(ids), base(ids))  # lora_B starts at zero: the adapters add exactly nothing
+    _train_step(lora, ids, lr=0.1)
+    assert not base.computes_like(lora)

@@ -43,24 +43,28 @@ def eval_chunk_size(vocab_size: int, device, chunk_size: Optional[int] = None) -
 
 
 def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], teacher_head, chunk_size,
-                stored: Optional["_TeacherSide"] = None) -> torch.Tensor:
+                stored: Optional["_TeacherSide"] = None, as_teacher: bool = False) -> torch.Tensor:
     """[nll, nll over the second half, correct, kl, teacher nll, count, count of the second half] of one batch.
 
     ``teacher`` is the teacher's logits, or with ``teacher_head`` its hidden states (logits made chunk by chunk).
     ``stored``: the teacher's side kept from an earlier evaluation (``teacher`` is then None), or a store to fill.
+    ``as_teacher``: ``hidden`` and ``head`` are the teacher's and the model computes what it computes (a
+    finetune's step 0): the model's sums are the teacher's, with KL 0.
     One pass: each position's logits are made once and give every quantity.
     """
     B, T = tokens.shape
     second_half = torch.zeros_like(mask)  # at predicting position t: is the target t+1 in the second half?
     second_half[:, T // 2 - 1:] = 1.0
     logits_of = (lambda t: teacher_head(t).to(hidden.device)) if teacher_head is not None else (lambda t: t)
-    with_teacher = teacher is not None or stored is not None
+    with_teacher = teacher is not None or stored is not None or as_teacher
 
-    def teacher_side(y, rest) -> tuple:
-        """The teacher's probabilities p, Σ p log p and NLL at these positions: kept, or made (and kept)."""
+    def teacher_side(y, rest, t_logp=None) -> tuple:
+        """The teacher's probabilities p, Σ p log p and NLL at these positions: kept, or made (and kept) from its
+        log-probabilities ``t_logp`` (None: from its logits in ``rest``)."""
         if stored is not None and stored.filled:
             return stored.read(rest[-1])
-        t_logp = F.log_softmax(logits_of(rest[0]).float(), dim=-1)
+        if t_logp is None:
+            t_logp = F.log_softmax(logits_of(rest[0]).float(), dim=-1)
         slot = stored.slot(rest[-1]) if stored is not None else None
         p = t_logp.exp() if slot is None else torch.exp(t_logp, out=slot)  # (straight into the store)
         side = (p, torch.linalg.vecdot(p, t_logp), -t_logp.gather(-1, y.unsqueeze(-1)).squeeze(-1))
@@ -74,7 +78,10 @@ def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], tea
         nll = -target_logp
         # correct: the target has the largest log-probability (a tie for it counts); amax is 6x faster than argmax
         values = [nll, nll * in_half, (target_logp >= logp.amax(-1)).float()]
-        if with_teacher:
+        if as_teacher:
+            teacher_side(y, rest, logp)  # (fills the store)
+            values += [torch.zeros_like(nll), nll]
+        elif with_teacher:
             p, p_logp, t_nll = teacher_side(y, rest)
             kl = p_logp - torch.linalg.vecdot(p, logp)  # KL(teacher || model) = Σ p log p - Σ p log q: 0 if equal
             values += [kl, t_nll]
@@ -185,7 +192,7 @@ class TeacherCache:
 def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast: Optional[Callable] = None,
           chunk_size: Optional[int] = None, rank: int = 0, world: int = 1,
           should_stop: Optional[Callable[[], bool]] = None, teacher_cache: Optional[TeacherCache] = None,
-          cache_key: Hashable = None, same_shape: bool = True) -> dict[str, float]:
+          cache_key: Hashable = None, same_shape: bool = True, model_is_teacher: bool = False) -> dict[str, float]:
     """Loss, second-half loss, accuracy (and with a teacher: its loss and KL) over every target token.
 
     ``batches`` are global batches; each rank scores rows rank, rank+world, ... and the sums are added over ranks
@@ -193,7 +200,9 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
     call's number of rows (``same_shape``; else at least one): a smaller (last) share is filled with copies of a row
     that count for nothing, so a compiled model sees one shape. ``should_stop`` is asked before each batch; when it
     says yes, :class:`EvaluationAbandoned` is raised (the result would be partial). ``teacher_cache`` keeps the
-    teacher's results on these batches (under ``cache_key``) for the next call.
+    teacher's results on these batches (under ``cache_key``) for the next call. ``model_is_teacher``: the model
+    computes exactly what the teacher computes (a finetune before its first update): only the teacher runs, and the
+    model's numbers are its own (KL 0).
     """
     from selfreplay.train.distributed import reduce_sum
 
@@ -228,9 +237,14 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
                     else:
                         t_out, t_head, stored = teacher_cache.get((cache_key, i), part.tokens, mask,
                                                                   teacher.module.vocab_size, device, forward)
-                extra = {} if stored is None else {"stored": stored}  # (without a cache, the kwargs of before)
-                total += model(part.tokens, position_ids=part.position_ids, head_fn=_batch_sums, tokens=part.tokens,
-                               mask=mask, teacher=t_out, teacher_head=t_head, chunk_size=chunk_size, **extra)
+                if model_is_teacher and t_out is not None:  # one pass: the teacher's output is the model's
+                    head = t_head if t_head is not None else (lambda logits: logits)
+                    total += _batch_sums(t_out, head, part.tokens, mask, None, None, chunk_size, stored, True)
+                else:
+                    extra = {} if stored is None else {"stored": stored}  # (without a cache, the kwargs of before)
+                    total += model(part.tokens, position_ids=part.position_ids, head_fn=_batch_sums,
+                                   tokens=part.tokens, mask=mask, teacher=t_out, teacher_head=t_head,
+                                   chunk_size=chunk_size, **extra)
                 if stored is not None:
                     teacher_cache.filled((cache_key, i))
     finally:

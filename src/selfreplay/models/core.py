@@ -137,6 +137,18 @@ class Teacher:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    @torch.no_grad()
+    def computes_like(self, model: CausalLM) -> bool:
+        """Whether ``model`` (unwrapped) still computes exactly what the teacher computes, as before its first
+        update: a frozen copy's weights all equal (same dtypes and devices), or with LoRA every adapter still
+        adds zero (all of ``lora_B``)."""
+        if self.shares_weights:
+            return self.module is model and all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)
+        mine, theirs = dict(self.module.named_parameters()), dict(model.named_parameters())
+        return mine.keys() == theirs.keys() and all(
+            a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+            for a, b in ((mine[k], theirs[k]) for k in mine))
+
     @contextlib.contextmanager
     def active(self):
         """Inside: ``forward_module`` computes the teacher (adapters off, eval mode)."""

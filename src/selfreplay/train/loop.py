@@ -221,20 +221,24 @@ class Trainer:
         """Whether a signal asks to abandon the running evaluation (one process only: ranks would disagree)."""
         return self.world == 1 and self.guard.received is not None
 
-    def _score(self, loader, teacher, name: str):
+    def _score(self, loader, teacher, name: str, as_teacher: bool = False):
         return score(self.eval_forward, loader.valid_batches(self.cfg.eval.batch_size, self.cfg.eval.max_tokens),
                      teacher, self.device, self.autocast, self.eval_chunk_size, self.rank, self.world,
                      should_stop=self._signalled, teacher_cache=self.teacher_cache, cache_key=name,
-                     same_shape=self.eval_forward is not self.module)  # compiled: one shape; eager: no filler rows
+                     same_shape=self.eval_forward is not self.module,  # compiled: one shape; eager: no filler rows
+                     model_is_teacher=as_teacher)
 
     def evaluate(self) -> dict:
-        """Held-out metrics of the new data (valid_*) and the old (prev_*, forgetting), drift, extra evaluators."""
+        """Held-out metrics of the new data (valid_*) and the old (prev_*, forgetting), drift, extra evaluators.
+        Before the first update of a finetune the model is its teacher: only the teacher runs (one process)."""
         out: dict = {}
-        valid = self._score(self.data, self.teacher, "valid")
+        as_teacher = self.state.step == 0 and self.teacher is not None and self.world == 1 \
+            and self.teacher.computes_like(self.model)
+        valid = self._score(self.data, self.teacher, "valid", as_teacher)
         valid.pop("teacher_loss", None)
         out.update({f"valid_{k}": v for k, v in valid.items()})
         if self.parts.prev is not None:
-            prev = self._score(self.parts.prev, self.teacher, "prev")
+            prev = self._score(self.parts.prev, self.teacher, "prev", as_teacher)
             if self.state.prev_teacher_loss is None:  # the model before finetuning (step 0)
                 self.state.prev_teacher_loss = prev.get("teacher_loss", prev["loss"])
             prev.pop("teacher_loss", None)

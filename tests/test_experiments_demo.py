@@ -1,6 +1,7 @@
 """The toy continual-learning demo: finetuning stages run by the engine's Trainer, replay rows, outputs, bad input."""
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -65,21 +66,22 @@ def test_train_sequential_records_and_determinism(method, source, tmp_path):
     assert [r["val_loss"] for r in again.records] == [r["val_loss"] for r in first.records]
 
 
-def test_the_first_task_runs_on_its_own_thread_count_and_records_it(tmp_path):
-    # the demo trains the first task alone, on the cores the two runs will share afterwards
+def test_the_first_and_last_tasks_run_on_their_own_thread_counts_and_record_them(tmp_path):
+    # the demo trains the first task alone, on the cores the two runs will share afterwards, and the replay run's
+    # last task after the run without replay has ended, on those cores again
     tasks = make_tasks(TINY.n_train, TINY.n_valid, seed=0)
     seen = []
     before = torch.get_num_threads()
     try:
-        train_sequential(TINY, "none", "self", tasks, out_dir=tmp_path, first_task_threads=2,
+        train_sequential(TINY, "none", "self", tasks, out_dir=tmp_path, first_task_threads=2, last_task_threads=2,
                          on_first_task=lambda run: seen.append(torch.get_num_threads()),
                          on_task_end=lambda result: seen.append(torch.get_num_threads()))
     finally:
         torch.set_num_threads(before)
-    assert seen == [2, 2, 1, 1, 1]  # the first task's callbacks, then one per later task
+    assert seen == [2, 2, 1, 1, 2]  # the first task's callbacks, then one per later task
     counts = [yaml.safe_load((tmp_path / "runs" / ("none" if k else "first") / f"{k}_{name}" / "config.yaml")
                              .read_text())["threads"] for k, name in enumerate(TASKS)]
-    assert counts == [2, 1, 1, 1]
+    assert counts == [2, 1, 1, 2]
 
 
 def test_methods_share_initialisation_and_data_order(tmp_path):
@@ -224,6 +226,10 @@ def test_run_demo_writes_outputs(tmp_path):
     # runs/: the shared first task once, then each method's later stages
     assert {p.name for p in (out / "runs").iterdir()} == {"first", "none", "kl"}
     assert [p.name for p in sorted((out / "runs" / "kl").iterdir())] == ["1_reversal", "2_sort", "3_modadd"]
+    threads = lambda run, stage: yaml.safe_load((out / "runs" / run / stage / "config.yaml").read_text())["threads"]
+    if len(os.sched_getaffinity(0)) >= 2:  # side by side; the replay run's last task after the baseline's end
+        assert threads("kl", "3_modadd") == summary["replay_last_task_threads"] == summary["first_task_threads"]
+        assert threads("kl", "2_sort") == threads("none", "3_modadd") == summary["config"]["threads"]
 
 
 def test_steps_per_task_applies_to_every_task(tmp_path):

@@ -88,12 +88,12 @@ class DemoConfig:
 
 FULL = DemoConfig()
 
-# Sized for a 2-core CPU: both runs in about 2 minutes, the same phenomenon as the paper. Learning `add` from
+# Sized for a 2-core CPU: both runs in about 90 s, the same phenomenon as the paper. Learning `add` from
 # scratch is the slow part, so the first task gets more steps and a higher LR; the later tasks use a lower LR (less
 # shock at each boundary) with a cosine decay per task. At this budget KL replay (coefficient 3) keeps every task
 # >= 95% while the new task is still learned; NTP replay is close but less reliable (method="ntp" to compare).
 CPU = replace(FULL, d_model=64, head_dim=8, batch_size=128, first_task_steps=800, first_task_lr=1e-2,
-              steps_per_task=300, lr=5e-3, lr_schedule="cosine", warmup_steps=50, eval_every=50, eval_problems=256,
+              steps_per_task=300, lr=5e-3, lr_schedule="cosine", warmup_steps=50, eval_every=100, eval_problems=256,
               eval_batch=1024, replay_method="kl", replay_coeff=3.0, replay_batch=64, replay_buffer=32)
 
 
@@ -266,10 +266,12 @@ def train_sequential(cfg: DemoConfig, method: str = "none", source: str = "self"
                      tasks: Optional[list[TaskData]] = None, out_dir=None, start: Optional[RunState] = None,
                      on_first_task: Optional[Callable[[RunState], None]] = None,
                      on_task_end: Optional[Callable[[RunResult], None]] = None,
-                     first_task_threads: Optional[int] = None) -> RunResult:
+                     first_task_threads: Optional[int] = None,
+                     last_task_threads: Optional[int] = None) -> RunResult:
     """Train on the tasks one after another with a replay method (``none`` | ``ntp`` | ``kl``, ``source`` self |
     real); ``start`` continues a run after its first task (see :meth:`RunState.fork`). On a CPU the first task
-    runs on ``first_task_threads`` (default: the run's), the others on ``cfg.threads``."""
+    runs on ``first_task_threads``, the last on ``last_task_threads`` (default: the run's), the others on
+    ``cfg.threads``."""
     from selfreplay.train.distributed import resolve_device
 
     check_demo_config(cfg)
@@ -286,7 +288,11 @@ def train_sequential(cfg: DemoConfig, method: str = "none", source: str = "self"
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="selfreplay-demo-"))
     run = start or start_run(cfg, method, source, device)
     for k in range(1 if start is not None else 0, len(tasks)):
-        threads = first_task_threads if k == 0 and first_task_threads else run_threads  # None: not a CPU
+        threads = run_threads  # None: not a CPU
+        if k == 0 and first_task_threads:
+            threads = first_task_threads
+        elif k == len(tasks) - 1 and last_task_threads:
+            threads = last_task_threads
         if threads:
             torch.set_num_threads(threads)
         train_stage(replace(cfg, threads=threads) if threads else cfg, run, tasks, k, out, valid)
@@ -433,7 +439,7 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     dev = resolve_device(cfg.device)
     if full and dev.type == "cpu":
         echo("warning: demo --full is the paper's GPU configuration (batch 2048, 8,000 steps): on this CPU it would "
-             "take days; the default preset shows the same in about 2 minutes")
+             "take days; the default preset shows the same in about 90 seconds")
     out = claim_dir(out_dir, DEMO_MARKER, "demo --out", _earlier_demo)
     _remove_stage_runs(out)
 
@@ -446,6 +452,8 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     # The first task is the same for both runs (no replay yet): it is trained once, inside the baseline run, and
     # the replay run forks from there. On a multi-core CPU the two runs then go on side by side, one core each, and
     # the first task, trained alone, takes the cores they will share (40 of the CPU preset's 136 s on one core).
+    # The replay run's steps cost about 1.6x the baseline's: the baseline ends before the replay run's last task,
+    # which takes the cores again (fixed in advance, not by timing: threads change the numbers).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parallel = dev.type == "cpu" and cores >= 2
     first_threads = None
@@ -467,7 +475,8 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
 
     def fork(first: RunState) -> None:
         replay_start = first.fork(method)
-        job = lambda: train_sequential(cfg, method, source, tasks, out, replay_start, on_task_end=save)  # noqa: E731
+        job = lambda: train_sequential(cfg, method, source, tasks, out, replay_start, on_task_end=save,  # noqa: E731
+                                       last_task_threads=first_threads if parallel else None)
         jobs.append(pool.submit(job) if parallel else job)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -480,7 +489,8 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     plot_runs(runs, task_steps(cfg, len(names)), names, out / "demo.png")
     atomic_write(out / "results.md", f"```\n{table}\n```\n\n{verdict}\n")
     atomic_write(out / "results.json", dumps({
-        "config": asdict(cfg), "first_task_threads": first_threads, "seconds": seconds, "verdict": verdict,
+        "config": asdict(cfg), "first_task_threads": first_threads,
+        "replay_last_task_threads": first_threads if parallel else cfg.threads, "seconds": seconds, "verdict": verdict,
         "runs": [{"method": r.method, "source": r.source, "label": replay_label(r.method, r.source),
                   "final_accuracy": r.final_accuracy, "timings": r.timings} for r in runs]}, indent=2) + "\n")
     echo("")

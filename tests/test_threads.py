@@ -14,7 +14,7 @@ from conftest import tiny_overrides
 from selfreplay import threads
 from selfreplay.config import PRETRAIN, TrainConfig, load_config
 from selfreplay.train import train
-from selfreplay.train.loop import Interrupted
+from selfreplay.train.signals import Interrupted
 
 # Two snapshots of /proc/stat: user nice system idle iowait irq softirq steal guest guest_nice.
 BEFORE = """cpu  400 0 200 1500 200 0 0 0 50 0

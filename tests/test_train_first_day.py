@@ -175,7 +175,7 @@ def test_the_live_loss_and_the_training_records_go_on_across_a_resume(corpora, t
     import os
     import signal
 
-    from selfreplay.train.loop import Interrupted
+    from selfreplay.train.signals import Interrupted
 
     extra = {"stop.steps": 12, "log.every_steps": 5}
     _pretrain(tmp_path / "ref", corpora, **extra)

@@ -139,6 +139,7 @@ def test_sigterm_during_an_evaluation_stops_within_a_batch_and_resumes_bitwise(c
     resumed run redoes that evaluation: the same weights and metrics records as a run never interrupted. Before
     the first step there is nothing to checkpoint: the same command starts the run again."""
     import selfreplay.train.loop as loop
+    from selfreplay.train.signals import Interrupted
 
     real_score, scorings, pulled_after = loop.score, [], []
 
@@ -159,7 +160,7 @@ def test_sigterm_during_an_evaluation_stops_within_a_batch_and_resumes_bitwise(c
     monkeypatch.setattr(loop, "score", score)
     run_dir = tmp_path / "run"
     cfg = load_config(TrainConfig, [], _finetune_args(run_dir, corpora, pretrained, **EVAL_EXTRA))
-    with pytest.raises(loop.Interrupted) as e:
+    with pytest.raises(Interrupted) as e:
         train(cfg, FINETUNE)
     assert e.value.exit_code == 128 + signal.SIGTERM and "\n" not in str(e.value)
     assert pulled_after == [3]  # the batch in hand when the signal came, then none

@@ -17,7 +17,8 @@ from selfreplay.replay.sources import DataReplay, SelfGeneratedReplay, StoredRep
 from selfreplay.train import checkpoint as ckpt
 from selfreplay.train import prepare, train
 from selfreplay.train.build import build_parts
-from selfreplay.train.loop import Interrupted, Trainer
+from selfreplay.train.loop import Trainer
+from selfreplay.train.signals import Interrupted
 from selfreplay.train.optim import lr_factor
 
 TIME_KEYS = ("train_time", "eval_time", "tokens_per_s", "replay_sample_time")  # wall-clock: differ between identical runs

@@ -67,7 +67,7 @@ class RayLauncher:
         return futures
 
     def _outcome(self, ref) -> object:
-        from selfreplay.train.loop import Interrupted
+        from selfreplay.train.signals import Interrupted
 
         ray = self.ray
         try:

@@ -125,7 +125,7 @@ class SlurmLauncher:
 
     def _vanished(self, future: Future, job) -> object:
         """The outcome of a job squeue no longer lists and that left no result."""
-        from selfreplay.train.loop import Interrupted
+        from selfreplay.train.signals import Interrupted
 
         if future in self._signalled:
             return Interrupted("cancelled by the sweep before it ran", signal.SIGINT)

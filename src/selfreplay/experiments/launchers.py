@@ -154,7 +154,7 @@ def run_scheduled(key: str, kind: str, overrides: dict, threads: int, launcher: 
     from selfreplay.experiments.workers import JobSignals, STOP_SIGNALS
     from selfreplay.train.checkpoint import has_checkpoint
     from selfreplay.train.distributed import env_world
-    from selfreplay.train.loop import Interrupted
+    from selfreplay.train.signals import Interrupted
 
     signals = JobSignals()
     previous = {sig: signal.signal(sig, signals.handle) for sig in STOP_SIGNALS}
@@ -210,7 +210,7 @@ def new_future() -> Future:
 
 def settle(future: Future, outcome: Any) -> Future:
     """Resolve ``future`` from a job's outcome (see :func:`run_scheduled`) or an exception."""
-    from selfreplay.train.loop import Interrupted
+    from selfreplay.train.signals import Interrupted
 
     kind = outcome[0] if isinstance(outcome, tuple) and outcome else None
     if isinstance(outcome, BaseException):

@@ -5,7 +5,7 @@ scheduler job died) is recorded, its dependents are skipped, the rest continue, 
 failures. At most ``workers`` jobs are out at once (local: the CPU count; SLURM / Ray: every ready job, the
 cluster queues them). A run already finished is skipped after checking its saved config; an interrupted one
 resumes. SIGINT / SIGTERM: no new job starts, the launcher asks the running ones to checkpoint and stop, the
-results tables are written, and :class:`~selfreplay.train.loop.Interrupted` is raised (exit 128 + the signal).
+results tables are written, and :class:`~selfreplay.train.signals.Interrupted` is raised (exit 128 + the signal).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def run_grid(exp: Experiment, workers: Optional[int] = None, threads: int = 1, o
     from selfreplay.experiments.prepare import prepare_data
     from selfreplay.experiments.results import write_results
     from selfreplay.experiments.status import record_failure
-    from selfreplay.train.loop import Interrupted, SignalGuard
+    from selfreplay.train.signals import Interrupted, SignalGuard
 
     settings = launcher if launcher is not None else launcher_settings(exp.launcher)
     prepare_data(exp.prepare, log)
@@ -135,7 +135,7 @@ def run_grid(exp: Experiment, workers: Optional[int] = None, threads: int = 1, o
 
 def _interrupted(signum: int, stopped: list[Job], result: SweepResult, log: Callable[[str], None], elapsed: float):
     """The one-line :class:`Interrupted` of a sweep a signal stopped (after logging each stopped run)."""
-    from selfreplay.train.loop import Interrupted
+    from selfreplay.train.signals import Interrupted
 
     resumable = [j for j in stopped if job_status(j) == "interrupted"]
     for j in stopped:

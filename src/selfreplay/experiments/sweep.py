@@ -408,7 +408,7 @@ def _run_job(key: str, kind: str, overrides: dict, resume: bool, launcher: str =
     from selfreplay.experiments.status import scheduler_job_id, write_job_record
     from selfreplay.train import train
     from selfreplay.train.distributed import env_world
-    from selfreplay.train.loop import Interrupted
+    from selfreplay.train.signals import Interrupted
     from selfreplay.train.ownership import claim_run_dir
 
     if env_world()[0] != 0:

@@ -66,7 +66,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _job_main(sender, parent: int, threads: int, fn: Callable, args: tuple) -> None:
     """A job process: take the stop signals, set the threads, run ``fn(*args)`` and send back (ok, value)."""
-    from selfreplay.train.loop import Interrupted
+    from selfreplay.train.signals import Interrupted
 
     signals = JobSignals()
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from selfreplay.train.files import RunLock, atomic_write, atomic_write_json
 from selfreplay.train.ownership import claim_run_dir
 from selfreplay.train import records
 from selfreplay.train.records import keep_if_best, log_training_window, promote_best, warn_schedule
+from selfreplay.train.signals import Diverged, Interrupted, SignalGuard
 from selfreplay.train.optim import (CompiledForward, autocast_for, compile_on, lr_factor, make_optimizer,
                                     warmup_tokens_for)
 
@@ -45,22 +45,6 @@ PROGRESS_EVERY = 25
 EARLY_LIVE_LOSS = (1, 2, 4, 8, 16)  # steps after a (re)start at which the live loss is shown before a full window
 CONFIG, RUN_INFO, SUMMARY = "config.yaml", "run.json", "summary.json"
 RESUME_IGNORES = ("log", "stop", "eval", "checkpoint", "distributed", "run_dir", "threads")
-
-
-class Interrupted(SelfReplayError):
-    """A run stopped by SIGINT / SIGTERM after writing a checkpoint (exit 128 + signal number)."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-    def __reduce__(self):  # it crosses from a sweep's worker process to the sweep
-        return type(self), (str(self), self.signum)
-
-
-class Diverged(SelfReplayError):
-    """The loss or the weights became NaN / infinite."""
 
 
 @dataclass
@@ -85,34 +69,6 @@ class TrainState:
     lr_sum: float = 0.0  # the learning rates of every step, added up (the schedule warning)
     best_metric: Optional[float] = None  # checkpoint.best_metric's best value so far, and its step
     best_step: Optional[int] = None
-
-
-class SignalGuard:
-    """Turns SIGINT / SIGTERM into a flag (the first signal received) read at step boundaries and between
-    evaluation batches; a second SIGINT (Ctrl-C) stops at once, whatever came between."""
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._sigints = 0
-        self._previous: dict = {}
-
-    def __enter__(self) -> "SignalGuard":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            self._sigints += 1
-            if self._sigints > 1:
-                raise KeyboardInterrupt
-        if self.received is None:
-            self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -230,10 +186,11 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Held-out metrics of the new data (valid_*) and the old (prev_*, forgetting), drift, extra evaluators.
-        Before the first update of a finetune the model is its teacher: only the teacher runs (one process)."""
+        Before the first update of a finetune the model is its teacher: only the teacher runs (one process, eager
+        evaluation: a compiled one compiles its forward there, in its warm-up)."""
         out: dict = {}
         as_teacher = self.state.step == 0 and self.teacher is not None and self.world == 1 \
-            and self.teacher.computes_like(self.model)
+            and self.eval_forward is self.module and self.teacher.computes_like(self.model)
         valid = self._score(self.data, self.teacher, "valid", as_teacher)
         valid.pop("teacher_loss", None)
         out.update({f"valid_{k}": v for k, v in valid.items()})

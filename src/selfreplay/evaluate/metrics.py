@@ -79,7 +79,8 @@ def _batch_sums(hidden, head, tokens, mask, teacher: Optional[torch.Tensor], tea
         # correct: the target has the largest log-probability (a tie for it counts); amax is 6x faster than argmax
         values = [nll, nll * in_half, (target_logp >= logp.amax(-1)).float()]
         if as_teacher:
-            teacher_side(y, rest, logp)  # (fills the store)
+            if stored is not None and not stored.filled:
+                teacher_side(y, rest, logp)  # fills the store from these log-probabilities
             values += [torch.zeros_like(nll), nll]
         elif with_teacher:
             p, p_logp, t_nll = teacher_side(y, rest)

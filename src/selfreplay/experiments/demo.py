@@ -456,10 +456,11 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     # which takes the cores again (fixed in advance, not by timing: threads change the numbers).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parallel = dev.type == "cpu" and cores >= 2
-    first_threads = None
+    first_threads = last_threads = None
     if dev.type == "cpu":  # decided once (threads change the numbers, so they must not vary within a demo)
         first_threads = demo_threads(cfg, runs=1)
         cfg = replace(cfg, threads=demo_threads(cfg, runs=2 if parallel else 1))
+        last_threads = first_threads if parallel else cfg.threads  # the replay run's last task
     lock, live = threading.Lock(), {}
 
     def save(run: RunResult) -> None:
@@ -476,7 +477,7 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     def fork(first: RunState) -> None:
         replay_start = first.fork(method)
         job = lambda: train_sequential(cfg, method, source, tasks, out, replay_start, on_task_end=save,  # noqa: E731
-                                       last_task_threads=first_threads if parallel else None)
+                                       last_task_threads=last_threads)
         jobs.append(pool.submit(job) if parallel else job)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -490,7 +491,7 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     atomic_write(out / "results.md", f"```\n{table}\n```\n\n{verdict}\n")
     atomic_write(out / "results.json", dumps({
         "config": asdict(cfg), "first_task_threads": first_threads,
-        "replay_last_task_threads": first_threads if parallel else cfg.threads, "seconds": seconds, "verdict": verdict,
+        "replay_last_task_threads": last_threads, "seconds": seconds, "verdict": verdict,
         "runs": [{"method": r.method, "source": r.source, "label": replay_label(r.method, r.source),
                   "final_accuracy": r.final_accuracy, "timings": r.timings} for r in runs]}, indent=2) + "\n")
     echo("")

@@ -15,7 +15,8 @@ from selfreplay.data.batch import Batch
 from selfreplay.data.corpus import Corpus
 from selfreplay.data.loader import CorpusLoader
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate.metrics import METRICS, MetricsLogger, TeacherCache, parameter_norms, read_metrics, score
+from selfreplay.evaluate.metrics import (METRICS, MetricsLogger, TeacherCache, parameter_norms, read_metrics, score,
+                                        score_models)
 from selfreplay.models.builtin import load_gpt_run, wrap_gpt
 from selfreplay.models.core import Teacher
 from selfreplay.models.gpt import GPT, GPTConfig
@@ -69,6 +70,25 @@ def test_score_matches_a_by_hand_computation(chunk_size):
     without = score(model, batches)
     assert set(without) == {"loss", "loss_second_half", "accuracy"}
     assert without["loss"] == pytest.approx(got["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_models_scored_together_get_their_own_numbers_from_one_teacher_pass_per_batch(chunk_size):
+    """score_models: each model's numbers are the by-hand ones of that model (masked positions skipped), while the
+    teacher runs once per batch for all of them."""
+    model, teacher, batches = _models()
+    others = [wrap_gpt(GPT(SHAPE)).eval() for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    masks = [(torch.rand(b.tokens.shape, generator=g) > 0.3).float() for b in batches]
+    for m in masks:
+        m[:, 4:] = torch.maximum(m[:, 4:], torch.eye(m.shape[0], 4))
+    masked = [Batch(b.tokens, m) for b, m in zip(batches, masks)]
+    recording = _RecordingShapes(teacher.module)
+    got = score_models([model, *others], masked, Teacher(recording), chunk_size=chunk_size)
+    assert len(recording.shapes) == len(batches)
+    for each, metrics in zip([model, *others], got):
+        _assert_matches(metrics, _by_hand(each, teacher, batches, masks))
+    assert len({m["loss"] for m in got}) == 3
 
 
 def test_the_evaluation_chunk_keeps_a_chunks_logits_in_a_cpu_cache():

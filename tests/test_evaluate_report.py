@@ -269,16 +269,21 @@ def test_cli_eval_builtin_run_on_its_corpus(gpt_runs, tmp_path, capsys):
                              _corpus_batches(gpt_runs["corpus"], 320, 8)))
 
 
-def test_models_scored_against_one_teacher_share_its_side_of_the_sums(gpt_runs, monkeypatch):
+@pytest.mark.parametrize("cache_mb", [1024, 0])
+def test_models_scored_against_one_teacher_share_its_side_of_the_sums(gpt_runs, monkeypatch, cache_mb):
+    """The models are scored batch by batch: the teacher runs once per held-out batch for all of them, also when
+    its side of the sums would not fit a cache (262k held-out tokens at a 4k vocabulary are 4 GiB)."""
+    from selfreplay.evaluate import report
     from selfreplay.models.core import Teacher
 
+    monkeypatch.setattr(report, "TEACHER_CACHE_MB", cache_mb)
     forwards = []
     original = Teacher.hidden_and_head
     monkeypatch.setattr(Teacher, "hidden_and_head", lambda self, *a, **k: forwards.append(1) or original(self, *a, **k))
     student, teacher = gpt_runs["student"], gpt_runs["teacher"]
     rows = forgetting_report([student, teacher, student], [gpt_runs["corpus"]], teacher=teacher, batch_size=8,
                              device="cpu", show_progress=False)
-    assert len(forwards) == 3  # the 3 held-out batches, for the first model only
+    assert len(forwards) == 3  # the 3 held-out batches, once for the three models
     assert rows[0] == rows[2]
     _close(rows[0], _reference(gpt_runs["student_net"], gpt_runs["teacher_net"], _corpus_batches(
         gpt_runs["corpus"], 320, 7)))

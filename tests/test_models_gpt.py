@@ -5,7 +5,7 @@ import torch
 
 from selfreplay.models.gpt import GPTConfig as ModelConfig
 from selfreplay.errors import SelfReplayError
-from selfreplay.models.gpt import GPT
+from selfreplay.models.gpt import GPT, rms_norm
 
 TINY = ModelConfig(d_model=64, n_layers=2, head_dim=16, context=24, vocab_size=50)
 
@@ -22,6 +22,32 @@ def test_init_scales():
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.03)
     assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(1 / math.sqrt(4 * 256), rel=0.03)
     assert all(not name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_rms_norm_gives_torchs_values_and_the_float64_gradient():
+    """The CPU training path's own backward: values bit-equal to F.rms_norm's, gradients those of a float64 norm
+    written out by hand (x / sqrt(mean x² + eps)), to float32 rounding, for a whole model too."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 7, 64) * torch.rand(4, 7, 1) * 10).requires_grad_()
+    upstream = torch.randn(4, 7, 64)
+    y = rms_norm(x)
+    assert torch.equal(y, torch.nn.functional.rms_norm(x.detach(), (64,), eps=1e-6))
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    x64 = x.detach().double().requires_grad_()
+    (grad64,) = torch.autograd.grad(x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6), x64, upstream.double())
+    torch.testing.assert_close(grad.double(), grad64, atol=1e-6, rtol=1e-5)
+    assert grad.abs().max() > 0.1  # not a vanishing gradient compared at tolerance
+
+    model = GPT(TINY)
+    tokens = torch.randint(0, TINY.vocab_size, (3, TINY.context))
+    loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    model64 = GPT(TINY).double()
+    model64.load_state_dict(model.state_dict())
+    model64.rope_cos, model64.rope_sin = model.rope_cos.double(), model.rope_sin.double()
+    loss64 = torch.nn.functional.cross_entropy(model64(tokens).flatten(0, 1), tokens.flatten())
+    for g, g64 in zip(grads, torch.autograd.grad(loss64, list(model64.parameters()))):
+        torch.testing.assert_close(g.double(), g64, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7])

@@ -189,7 +189,6 @@ class TeacherCache:
             kept.stored.filled, kept.output = True, None
 
 
-@torch.no_grad()
 def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast: Optional[Callable] = None,
           chunk_size: Optional[int] = None, rank: int = 0, world: int = 1,
           should_stop: Optional[Callable[[], bool]] = None, teacher_cache: Optional[TeacherCache] = None,
@@ -205,12 +204,27 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
     computes exactly what the teacher computes (a finetune before its first update): only the teacher runs, and the
     model's numbers are its own (KL 0).
     """
+    return score_models([model], batches, teacher, device, autocast, chunk_size, rank, world, should_stop,
+                        teacher_cache, cache_key, same_shape, model_is_teacher)[0]
+
+
+@torch.no_grad()
+def score_models(models: list, batches: Iterable[Batch], teacher=None, device="cpu",
+                 autocast: Optional[Callable] = None, chunk_size: Optional[int] = None, rank: int = 0, world: int = 1,
+                 should_stop: Optional[Callable[[], bool]] = None, teacher_cache: Optional[TeacherCache] = None,
+                 cache_key: Hashable = None, same_shape: bool = True,
+                 model_is_teacher: bool = False) -> list[dict[str, float]]:
+    """:func:`score` of several models on the same batches, batch by batch: the teacher's forward and its side of
+    the sums (probabilities, Σ p log p, NLL) are made once per batch for all of them (when no cache keeps them)."""
     from selfreplay.train.distributed import reduce_sum
 
+    if model_is_teacher and len(models) != 1:
+        raise ValueError("model_is_teacher scores one model")
     autocast = autocast or contextlib.nullcontext
-    total = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
+    totals = [torch.zeros(len(_SUMS), dtype=torch.float64, device=device) for _ in models]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     rows = None  # the rows of every call
     try:
         for i, batch in enumerate(batches):
@@ -238,25 +252,36 @@ def score(model, batches: Iterable[Batch], teacher=None, device="cpu", autocast:
                     else:
                         t_out, t_head, stored = teacher_cache.get((cache_key, i), part.tokens, mask,
                                                                   teacher.module.vocab_size, device, forward)
+                    if stored is None and len(models) > 1:  # made by the first model's pass, read by the others
+                        B, T = part.tokens.shape
+                        stored = _TeacherSide(B * (T - 1), teacher.module.vocab_size, device)
                 if model_is_teacher and t_out is not None:  # one pass: the teacher's output is the model's
                     head = t_head if t_head is not None else (lambda logits: logits)
-                    total += _batch_sums(t_out, head, part.tokens, mask, None, None, chunk_size, stored, True)
+                    totals[0] += _batch_sums(t_out, head, part.tokens, mask, None, None, chunk_size, stored, True)
                 else:
-                    extra = {} if stored is None else {"stored": stored}  # (without a cache, the kwargs of before)
-                    total += model(part.tokens, position_ids=part.position_ids, head_fn=_batch_sums,
-                                   tokens=part.tokens, mask=mask, teacher=t_out, teacher_head=t_head,
-                                   chunk_size=chunk_size, **extra)
-                if stored is not None:
+                    for model, total in zip(models, totals):
+                        extra = {} if stored is None else {"stored": stored}  # (without a store, the kwargs of before)
+                        filled = stored is not None and stored.filled
+                        total += model(part.tokens, position_ids=part.position_ids, head_fn=_batch_sums,
+                                       tokens=part.tokens, mask=mask, teacher=None if filled else t_out,
+                                       teacher_head=None if filled else t_head, chunk_size=chunk_size, **extra)
+                        if stored is not None:
+                            stored.filled = True
+                if stored is not None and teacher_cache is not None:
                     teacher_cache.filled((cache_key, i))
     finally:
-        model.train(was_training)
-    s = dict(zip(_SUMS, reduce_sum(total).tolist()))
+        for m, training in zip(models, was_training):
+            m.train(training)
+    return [_metrics(dict(zip(_SUMS, reduce_sum(total).tolist())), teacher is not None) for total in totals]
+
+
+def _metrics(s: dict, with_teacher: bool) -> dict[str, float]:
     if s["count"] == 0:
         raise SelfReplayError("evaluation: no held-out target tokens (set data.valid_tokens / data.valid_examples "
                               "> 0)")
     out = {"loss": s["nll"] / s["count"], "loss_second_half": s["nll_half"] / max(s["count_half"], 1.0),
            "accuracy": s["correct"] / s["count"]}
-    if teacher is not None:
+    if with_teacher:
         out.update(kl=s["kl"] / s["count"], teacher_loss=s["teacher_nll"] / s["count"])
     return out
 

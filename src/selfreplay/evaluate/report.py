@@ -13,12 +13,13 @@ import os
 from typing import Optional, Sequence
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate.metrics import TeacherCache, eval_chunk_size, score
+from selfreplay.evaluate.metrics import TeacherCache, eval_chunk_size, score_models
 from selfreplay.models import CausalLM, Teacher, load_model
 from selfreplay.progress import progress
 
 
-TEACHER_CACHE_MB = 1024  # as eval.teacher_cache_mb: a teacher's kept side of the sums, over all data sets
+TEACHER_CACHE_MB = 1024  # as eval.teacher_cache_mb: a teacher's kept side of the sums, over the models scored on
+# a text / chat file one after another
 
 
 def _split_for(corpus_path: str, infos: list[dict], valid_tokens: Optional[int], split_seed: Optional[int]):
@@ -58,7 +59,8 @@ def forgetting_report(models: Sequence[str], corpora: Sequence[str] = (), data: 
                       seq_len: int = 512, split: str = "test", text_field: str = "text", device: str = "auto",
                       dtype: str = "auto", show_progress: bool = True) -> list[dict]:
     """One row per (model, data set): loss, second-half loss, accuracy, and against the teacher its loss, delta
-    and KL."""
+    and KL. Built-in GPTs that share a teacher and a corpus's held-out rows are scored together, batch by batch:
+    the teacher's forward and softmax run once per batch for all of them."""
     from selfreplay.train.distributed import resolve_device
     from selfreplay.train.optim import autocast_for
 
@@ -69,68 +71,91 @@ def forgetting_report(models: Sequence[str], corpora: Sequence[str] = (), data: 
     autocast = autocast_for(dev, "auto")
     teachers: dict[str, CausalLM] = {}
     caches: dict[str, TeacherCache] = {}  # per teacher: its side of the sums, for every model scored against it
-    rows = []
+    rows: dict[tuple[str, str], dict] = {}  # (model, data set) -> its row
     bar = progress(len(models) * (len(corpora) + len(data)), "eval", "sets", show_progress)
-    for name in models:
-        model = load_for_eval(name, dev, dtype)
+
+    def teacher_for(name: str, model: CausalLM) -> tuple[Optional[str], Optional[Teacher]]:
         teacher_name = teacher or teacher_of(model)
-        teacher_obj = None
-        if teacher_name:
-            if teacher_name not in teachers:
-                teachers[teacher_name] = load_for_eval(teacher_name, dev, dtype).requires_grad_(False)
-            t = teachers[teacher_name]
-            if t.vocab_size != model.vocab_size:
-                raise SelfReplayError(f"teacher {teacher_name} has vocabulary {t.vocab_size}, model {name} has "
-                                      f"{model.vocab_size}; KL needs the same tokenizer")
-            teacher_obj = Teacher(t)
-        chunk = eval_chunk_size(model.vocab_size, dev, 1024 if model.vocab_size >= 32768 else None)
-        for label, loader in _sets(model, name, teacher_obj, corpora, data, valid_tokens, split_seed, batch_size,
-                                   seq_len, split, text_field):
-            cache = None
-            if teacher_obj is not None and dev.type == "cpu":
-                cache = caches.setdefault(teacher_name, TeacherCache(TEACHER_CACHE_MB << 20))
-            metrics = score(model, loader.valid_batches(batch_size, max_tokens), teacher_obj, dev, autocast, chunk,
-                            teacher_cache=cache, cache_key=label, same_shape=False)
+        if not teacher_name:
+            return None, None
+        if teacher_name not in teachers:
+            teachers[teacher_name] = load_for_eval(teacher_name, dev, dtype).requires_grad_(False)
+        t = teachers[teacher_name]
+        if t.vocab_size != model.vocab_size:
+            raise SelfReplayError(f"teacher {teacher_name} has vocabulary {t.vocab_size}, model {name} has "
+                                  f"{model.vocab_size}; KL needs the same tokenizer")
+        return teacher_name, Teacher(t)
+
+    def run(group: list[tuple[str, CausalLM]], teacher_name, teacher_obj, label: str, loader, cache=None) -> None:
+        vocab = group[0][1].vocab_size
+        chunk = eval_chunk_size(vocab, dev, 1024 if vocab >= 32768 else None)
+        scored = score_models([m for _, m in group], loader.valid_batches(batch_size, max_tokens), teacher_obj, dev,
+                              autocast, chunk, teacher_cache=cache, cache_key=label, same_shape=False)
+        for (name, _), metrics in zip(group, scored):
             row = {"model": name, "data": label, "loss": metrics["loss"],
                    "loss_second_half": metrics["loss_second_half"], "accuracy": metrics["accuracy"]}
             if teacher_obj is not None:
                 row.update(teacher=teacher_name, teacher_loss=metrics["teacher_loss"],
                            delta=metrics["loss"] - metrics["teacher_loss"], kl=metrics["kl"])
-            rows.append(row)
+            rows[(name, label)] = row
             bar.update(1)
+
+    if corpora:  # built-in GPTs: all loaded, those with one teacher and one held-out split scored together
+        groups: dict[tuple, list] = {}
+        for name in models:
+            model = load_for_eval(name, dev, dtype)
+            teacher_name, teacher_obj = teacher_for(name, model)
+            for label, split_key, loader in _corpus_sets(model, name, teacher_obj, corpora, valid_tokens, split_seed):
+                groups.setdefault((teacher_name, label, split_key), [[], teacher_obj, loader])[0].append((name, model))
+        for (teacher_name, label, _), (group, teacher_obj, loader) in groups.items():
+            run(group, teacher_name, teacher_obj, label, loader)
+        del groups
+    for name in models if data else ():  # Hugging Face models, one at a time
+        model = load_for_eval(name, dev, dtype)
+        teacher_name, teacher_obj = teacher_for(name, model)
+        cache = None
+        if teacher_obj is not None and dev.type == "cpu":
+            cache = caches.setdefault(teacher_name, TeacherCache(TEACHER_CACHE_MB << 20))
+        for label, loader in _data_sets(model, name, data, batch_size, seq_len, split, text_field):
+            run([(name, model)], teacher_name, teacher_obj, label, loader, cache)
     bar.close()
-    return rows
+    return [row for name in models for (model_name, _), row in rows.items() if model_name == name]
 
 
-def _sets(model: CausalLM, name: str, teacher, corpora, data, valid_tokens, split_seed, batch_size, seq_len, split,
-          text_field):
-    """(label, loader with valid_batches) for every data set to score."""
-    if corpora:
-        if model.kind != "gpt":
-            raise SelfReplayError(f"eval --corpus: {name} is a Hugging Face model; token corpora are the built-in "
-                                  f"GPT's (use --data)")
-        from selfreplay.data.corpus import Corpus
-        from selfreplay.data.loader import CorpusLoader
+def _corpus_sets(model: CausalLM, name: str, teacher, corpora, valid_tokens, split_seed):
+    """(label, split, loader with valid_batches) for every token corpus to score; models with the same split of a
+    corpus score the same held-out rows."""
+    if not corpora:
+        return
+    if model.kind != "gpt":
+        raise SelfReplayError(f"eval --corpus: {name} is a Hugging Face model; token corpora are the built-in "
+                              f"GPT's (use --data)")
+    from selfreplay.data.corpus import Corpus
+    from selfreplay.data.loader import CorpusLoader
 
-        infos = [model.info] + ([teacher.module.info] if teacher is not None else [])
-        for path in corpora:
-            corpus = Corpus.open(path, vocab_size=model.vocab_size,
-                                 tokenizer_fingerprint=model.info.get("tokenizer_fingerprint"))
-            tokens, seed = _split_for(path, infos, valid_tokens, split_seed)
-            yield corpus.meta.name or path, CorpusLoader(corpus, model.context, 1, tokens, seed)
-    if data:
-        if model.kind != "hf":
-            raise SelfReplayError(f"eval --data: {name} is a built-in GPT; score it on token corpora (--corpus)")
-        from selfreplay.data.rows import RowLoader
-        from selfreplay.data.text import tokenize_source
-        from selfreplay.models import hf_path
-        from selfreplay.models.hf import load_tokenizer
+    infos = [model.info] + ([teacher.module.info] if teacher is not None else [])
+    for path in corpora:
+        corpus = Corpus.open(path, vocab_size=model.vocab_size,
+                             tokenizer_fingerprint=model.info.get("tokenizer_fingerprint"))
+        tokens, seed = _split_for(path, infos, valid_tokens, split_seed)
+        yield corpus.meta.name or path, (path, tokens, seed, model.context), \
+            CorpusLoader(corpus, model.context, 1, tokens, seed)
 
-        tokenizer = load_tokenizer(hf_path(name))
-        for path in data:
-            examples, fmt = tokenize_source(path, tokenizer, split, text_field)
-            yield path, RowLoader(examples, fmt, seq_len, int(tokenizer.pad_token_id), 1, 0, 0,
-                                  where=f"data {path}", evaluate_all=True)
+
+def _data_sets(model: CausalLM, name: str, data, batch_size, seq_len, split, text_field):
+    """(label, loader with valid_batches) for every text / chat file to score."""
+    if model.kind != "hf":
+        raise SelfReplayError(f"eval --data: {name} is a built-in GPT; score it on token corpora (--corpus)")
+    from selfreplay.data.rows import RowLoader
+    from selfreplay.data.text import tokenize_source
+    from selfreplay.models import hf_path
+    from selfreplay.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(hf_path(name))
+    for path in data:
+        examples, fmt = tokenize_source(path, tokenizer, split, text_field)
+        yield path, RowLoader(examples, fmt, seq_len, int(tokenizer.pad_token_id), 1, 0, 0,
+                              where=f"data {path}", evaluate_all=True)
 
 
 def benchmark_report(name: str, mcq: Sequence[str] = (), lm_eval_tasks: Sequence[str] = (), batch_size: int = 8,

@@ -72,7 +72,33 @@ ROPE_BASE = 10_000.0
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without a learnable gain."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.requires_grad:
+        return _RMSNormNoGain.apply(x)
     return F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
+
+
+_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")  # torch >= 2.8: the kernel F.rms_norm calls, with r
+
+
+class _RMSNormNoGain(torch.autograd.Function):
+    """RMSNorm with a backward in one expression, y = x·r, dx = r·(g − y·mean(g·y)). On a CPU, autograd would
+    otherwise differentiate F.rms_norm through its decomposition (pow, mean, rsqrt, mul: about 1.5× the time and a
+    saved tensor per piece). The forward is F.rms_norm's own kernel, so the values are the same bits."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        if _FUSED_RMS_NORM:
+            y, r = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, NORM_EPS)
+        else:
+            r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+            y = x * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        y, r = ctx.saved_tensors
+        return (grad - y * (grad * y).mean(-1, keepdim=True)) * r
 
 
 def rope_tables(context: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

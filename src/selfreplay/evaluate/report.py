@@ -102,7 +102,7 @@ def forgetting_report(models: Sequence[str], corpora: Sequence[str] = (), data: 
 
     if corpora:  # built-in GPTs: all loaded, those with one teacher and one held-out split scored together
         groups: dict[tuple, list] = {}
-        for name in models:
+        for name in dict.fromkeys(models):  # a model named twice is scored once (and listed twice)
             model = load_for_eval(name, dev, dtype)
             teacher_name, teacher_obj = teacher_for(name, model)
             for label, split_key, loader in _corpus_sets(model, name, teacher_obj, corpora, valid_tokens, split_seed):
@@ -119,7 +119,8 @@ def forgetting_report(models: Sequence[str], corpora: Sequence[str] = (), data: 
         for label, loader in _data_sets(model, name, data, batch_size, seq_len, split, text_field):
             run([(name, model)], teacher_name, teacher_obj, label, loader, cache)
     bar.close()
-    return [row for name in models for (model_name, _), row in rows.items() if model_name == name]
+    labels = list(dict.fromkeys(label for _, label in rows))  # the data sets, in the order they were given
+    return [rows[(name, label)] for name in models for label in labels if (name, label) in rows]
 
 
 def _corpus_sets(model: CausalLM, name: str, teacher, corpora, valid_tokens, split_seed):

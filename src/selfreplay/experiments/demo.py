@@ -88,7 +88,7 @@ class DemoConfig:
 
 FULL = DemoConfig()
 
-# Sized for a 2-core CPU: both runs in about 90 s, the same phenomenon as the paper. Learning `add` from
+# Sized for a 2-core CPU: both runs in 1.5–2 minutes, the same phenomenon as the paper. Learning `add` from
 # scratch is the slow part, so the first task gets more steps and a higher LR; the later tasks use a lower LR (less
 # shock at each boundary) with a cosine decay per task. At this budget KL replay (coefficient 3) keeps every task
 # >= 95% while the new task is still learned; NTP replay is close but less reliable (method="ntp" to compare).
@@ -439,7 +439,7 @@ def run_demo(out_dir: str | Path = "demo_out", full: bool = False, method: Optio
     dev = resolve_device(cfg.device)
     if full and dev.type == "cpu":
         echo("warning: demo --full is the paper's GPU configuration (batch 2048, 8,000 steps): on this CPU it would "
-             "take days; the default preset shows the same in about 90 seconds")
+             "take days; the default preset shows the same in 1.5–2 minutes")
     out = claim_dir(out_dir, DEMO_MARKER, "demo --out", _earlier_demo)
     _remove_stage_runs(out)
 

@@ -138,6 +138,27 @@ class AnswerKey(torch.nn.Module):
         return logits[:, -tokens.shape[1]:] if cache is None else logits[:, -1:]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_forward_accuracy_is_greedy_decodings_exact_match(seed):
+    """A real model's own greedy answers count as right, rows changed at one answer position as wrong: the same
+    per-task accuracy as decoding greedily with the cache and comparing (not the same computation)."""
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(d_model=32, n_layers=2, head_dim=8, context=SEQ_LEN, vocab_size=VOCAB_SIZE)).eval()
+    add, sort = make_task("add", 8, 24, seed), make_task("sort", 8, 16, seed)
+    valid = {}
+    for name, task in (("add", add), ("sort", sort)):
+        prompts = task.valid[:, :PROMPT_LEN]
+        rows = torch.cat((prompts, greedy_decode(model, prompts)), dim=1)
+        for i, position in enumerate(range(PROMPT_LEN, SEQ_LEN)):  # row 3i changed at answer position i
+            rows[3 * i, position] = (rows[3 * i, position] + 1 + seed) % VOCAB_SIZE
+        valid[name] = rows
+    expected = {name: exact_match(greedy_decode(model, rows[:, :PROMPT_LEN]), rows).double().mean().item()
+                for name, rows in valid.items()}
+    assert expected == {"add": pytest.approx(19 / 24), "sort": pytest.approx(11 / 16)}
+    metrics = evaluate_tasks(model, valid, batch_size=9)
+    assert metrics["accuracy"] == expected
+
+
 def test_evaluate_tasks_accuracy_per_task():
     add, sort = make_task("add", 10, 20, seed=5), make_task("sort", 10, 10, seed=5)
     rows = torch.cat((add.valid, sort.valid))

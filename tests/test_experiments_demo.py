@@ -218,8 +218,9 @@ def test_run_demo_writes_outputs(tmp_path):
     assert [r["method"] for r in summary["runs"]] == ["none", "kl"]
     assert summary["verdict"] == result.verdict and result.verdict in lines
     # a line per finished task: progress where no terminal shows bars (the demo was silent for minutes)
-    assert any(line.startswith("without replay: 'add' done at step 6 (") for line in lines), lines
+    assert any(line.startswith("both runs: 'add' done at step 6 (") for line in lines), lines
     assert any(line.startswith("with self-generated replay (kl): 'modadd' done at step 24 (") for line in lines)
+    assert any(line.startswith("without replay: 'modadd' done at step 24 (") for line in lines), lines
     assert summary["config"]["steps_per_task"] == 6
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert result.table in "\n".join(lines) and result.table in (out / "results.md").read_text()

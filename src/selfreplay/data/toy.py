@@ -172,13 +172,21 @@ def exact_match(predicted: torch.Tensor, sequences: torch.Tensor) -> torch.Tenso
     return (predicted == target).all(dim=1)
 
 
+def answers_right(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    """Per-row bool from one teacher-forced forward's ``logits`` [N, 14, V]: the argmax at every answer position is
+    the answer token. Greedy decoding feeds back its own argmax, so its answer equals the true one exactly when each
+    argmax given the true prefix is the true token: the same exact match as :func:`greedy_decode`, in one forward."""
+    return (logits[:, PROMPT_LEN - 1:-1].argmax(-1) == sequences[:, PROMPT_LEN:]).all(dim=1)
+
+
 @torch.no_grad()
 def evaluate_tasks(model, valid: dict[str, torch.Tensor], batch_size: int = 4096,
                    autocast: Optional[Callable] = None) -> dict[str, dict[str, float]]:
-    """Per task: greedy exact-match ``accuracy`` (answer + EOS decoded from the prompt up to EQ) and the
-    teacher-forced next-token ``loss`` on its validation sequences.
+    """Per task: greedy exact-match ``accuracy`` (answer + EOS decoded from the prompt up to EQ, see
+    :func:`answers_right`) and the teacher-forced next-token ``loss`` on its validation sequences, both from one
+    forward of each batch.
 
-    All tasks' rows are decoded together in batches of ``batch_size`` (few large calls are what is fast).
+    All tasks' rows are evaluated together in batches of ``batch_size`` (few large calls are what is fast).
     """
     autocast = autocast or contextlib.nullcontext
     rows = torch.cat(list(valid.values()))
@@ -186,8 +194,9 @@ def evaluate_tasks(model, valid: dict[str, torch.Tensor], batch_size: int = 4096
     for start in range(0, rows.shape[0], batch_size):
         chunk = rows[start:start + batch_size]
         with autocast():
-            correct.append(exact_match(greedy_decode(model, chunk[:, :PROMPT_LEN]), chunk))
-            losses.append(token_nll(model(chunk), chunk).mean(dim=1))
+            logits = model(chunk)
+        correct.append(answers_right(logits, chunk))
+        losses.append(token_nll(logits, chunk).mean(dim=1))
     correct_t, losses_t = torch.cat(correct).double(), torch.cat(losses).double()
     sizes = [v.shape[0] for v in valid.values()]
     acc = [c.mean() for c in correct_t.split(sizes)]

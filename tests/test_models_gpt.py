@@ -5,7 +5,7 @@ import torch
 
 from selfreplay.models.gpt import GPTConfig as ModelConfig
 from selfreplay.errors import SelfReplayError
-from selfreplay.models.gpt import GPT, rms_norm
+from selfreplay.models.gpt import GPT, _QKNormRope, apply_rope, norm_rope_qkv, rms_norm, rope_tables
 
 TINY = ModelConfig(d_model=64, n_layers=2, head_dim=16, context=24, vocab_size=50)
 
@@ -48,6 +48,31 @@ def test_rms_norm_gives_torchs_values_and_the_float64_gradient():
     loss64 = torch.nn.functional.cross_entropy(model64(tokens).flatten(0, 1), tokens.flatten())
     for g, g64 in zip(grads, torch.autograd.grad(loss64, list(model64.parameters()))):
         torch.testing.assert_close(g.double(), g64, atol=1e-6, rtol=1e-4)
+
+
+def test_queries_and_keys_normed_and_rotated_in_one_node_equal_the_pieces_bit_for_bit():
+    """The CPU training path's fused norm + RoPE: values and the projection's gradient bit-equal to autograd through
+    rms_norm then apply_rope (the unfused path), and the gradient right in float64 (gradcheck)."""
+    torch.manual_seed(0)
+    B, T, H, hd = 5, 7, 4, 8
+    cos, sin = rope_tables(T, hd)
+    x = torch.randn(B * T, 16, requires_grad=True)
+    weight = torch.randn(3 * H * hd, 16) * 0.3
+    upstream = [torch.randn(B, H, T, hd) for _ in range(3)]
+
+    def run(fused: bool):
+        qkv = (x @ weight.T).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
+        if fused:
+            q, k, v = norm_rope_qkv(qkv, cos, sin)
+        else:
+            (q, k), v = apply_rope(rms_norm(qkv[:2]), cos, sin), qkv[2]
+        (grad,) = torch.autograd.grad([q, k, v], x, upstream)
+        return q, k, v, grad
+
+    for fused, pieces in zip(run(True), run(False)):
+        assert torch.equal(fused, pieces)
+    qkv64 = torch.randn(B, T, 3, H, hd, dtype=torch.float64).permute(2, 0, 3, 1, 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _QKNormRope.apply(t, cos.double(), sin.double()), (qkv64,))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7])

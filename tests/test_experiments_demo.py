@@ -233,6 +233,20 @@ def test_run_demo_writes_outputs(tmp_path):
         assert threads("kl", "2_sort") == threads("none", "3_modadd") == summary["config"]["threads"]
 
 
+def test_one_core_runs_one_after_the_other_and_records_what_two_cores_record(tmp_path, monkeypatch):
+    """On one core the replay run (which trains the shared first task) runs first and the run without replay forks
+    from it afterwards; with the same thread counts, every record is the two-core demo's, in the same order."""
+    side_by_side = run_demo(tmp_path / "two", config=replace(TINY, threads=1), echo=lambda line: None)
+    monkeypatch.setattr(demo_mod.os, "sched_getaffinity", lambda pid: {0})
+    lines = []
+    one_by_one = run_demo(tmp_path / "one", config=replace(TINY, threads=1), echo=lines.append)
+    assert read_jsonl(tmp_path / "one" / "metrics.jsonl") == read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r.method for r in one_by_one.runs] == [r.method for r in side_by_side.runs] == ["none", "kl"]
+    done = [line.split(":")[0] + " " + line.split("'")[1] for line in lines if " done at step " in line]
+    assert done == ["both runs add"] + [f"with self-generated replay (kl) {t}" for t in TASKS[1:]] + \
+        [f"without replay {t}" for t in TASKS[1:]]
+
+
 def test_steps_per_task_applies_to_every_task(tmp_path):
     stale = tmp_path / "runs" / "kl" / "1_reversal"  # an earlier demo's stage: the new demo starts afresh
     stale.mkdir(parents=True)

@@ -74,6 +74,31 @@ def test_finetuning_records_zero_drift_before_the_first_step(tmp_path, pretraine
     assert first["drift"] == 0.0
 
 
+def test_without_valid_kl_the_new_data_is_scored_without_the_teacher_and_every_other_number_is_the_same(
+        tmp_path, pretrained, corpora, monkeypatch):
+    """eval.valid_kl=false (the frontier preset): the new data's held-out rows are scored without the teacher's side,
+    so no valid_kl; every other recorded number is bit-equal to a default run's."""
+    from selfreplay.train import loop
+
+    calls = []
+    real_score = loop.score
+
+    def recording_score(model, batches, teacher=None, *args, **kwargs):
+        calls.append((kwargs["cache_key"], teacher is not None))
+        return real_score(model, batches, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "score", recording_score)
+    records = {}
+    for valid_kl in (True, False):
+        calls.clear()
+        train(finetune_cfg(tmp_path, f"valid_kl_{valid_kl}", pretrained, corpora,
+                           **{"stop.steps": 12, "replay.method": "none", "eval.valid_kl": valid_kl}), "finetune")
+        assert set(calls) == {("valid", valid_kl), ("prev", True)} and len(calls) >= 4
+        records[valid_kl] = without_time(read_metrics(tmp_path / f"valid_kl_{valid_kl}"))
+    assert all("valid_kl" in r for r in records[True]) and not any("valid_kl" in r for r in records[False])
+    assert records[False] == [{k: v for k, v in r.items() if k != "valid_kl"} for r in records[True]]
+
+
 def test_finetuning_defaults_to_kl_replay_of_the_teachers_corpus(tmp_path, pretrained, corpora):
     trainer = make_trainer(finetune_cfg(tmp_path, "default", pretrained, corpora))
     assert trainer.penalty.method == "kl" and isinstance(trainer.penalty.source, DataReplay)

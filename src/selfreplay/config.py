@@ -180,6 +180,8 @@ class EvalConfig:
                                          "Face)")
     prev: Optional[str] = _f(None, "old data for prev_* and forgetting (default: the teacher's corpus)", FINETUNE)
     prev_split: str = _f("train", "eval.prev: dataset split", FINETUNE)
+    valid_kl: bool = _f(True, "also KL(teacher || model) on the new data (valid_kl): the teacher's side of the new "
+                              "data's held-out rows at every evaluation (false: its loss and accuracy only)", FINETUNE)
     teacher_cache_mb: int = _f(1024, "on a CPU, keep the teacher's probabilities on the held-out rows (its hidden "
                                      "states beyond) for later evaluations, up to this many MB (0: off)", FINETUNE)
     mcq: list = _f([], "multiple-choice question files: log mcq_<name>_accuracy", FINETUNE)

@@ -191,7 +191,8 @@ class Trainer:
         out: dict = {}
         as_teacher = self.state.step == 0 and self.teacher is not None and self.world == 1 \
             and self.eval_forward is self.module and self.teacher.computes_like(self.model)
-        valid = self._score(self.data, self.teacher, "valid", as_teacher)
+        valid_teacher = self.teacher if self.cfg.eval.valid_kl else None  # (no valid_kl: one pass less per token)
+        valid = self._score(self.data, valid_teacher, "valid", as_teacher and valid_teacher is not None)
         valid.pop("teacher_loss", None)
         out.update({f"valid_{k}": v for k, v in valid.items()})
         if self.parts.prev is not None:

@@ -72,33 +72,46 @@ ROPE_BASE = 10_000.0
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without a learnable gain."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.requires_grad:
+    if _own_backward(x):
         return _RMSNormNoGain.apply(x)
     return F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
+
+
+def _own_backward(x: torch.Tensor) -> bool:
+    """Training on a CPU in float32: where the norms' hand-written backward nodes replace autograd's pieces."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.requires_grad
 
 
 _FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")  # torch >= 2.8: the kernel F.rms_norm calls, with r
 
 
+def _normed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x·r and r = 1 / sqrt(mean(x²) + eps) over the last dim, by F.rms_norm's own kernel where it exists."""
+    if _FUSED_RMS_NORM:
+        return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, NORM_EPS)
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+    return x * r, r
+
+
+def _normed_grad(grad: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The gradient through y = x·r: r·(g − y·mean(g·y))."""
+    return (grad - y * (grad * y).mean(-1, keepdim=True)) * r
+
+
 class _RMSNormNoGain(torch.autograd.Function):
-    """RMSNorm with a backward in one expression, y = x·r, dx = r·(g − y·mean(g·y)). On a CPU, autograd would
-    otherwise differentiate F.rms_norm through its decomposition (pow, mean, rsqrt, mul: about 1.5× the time and a
-    saved tensor per piece). The forward is F.rms_norm's own kernel, so the values are the same bits."""
+    """RMSNorm with a backward in one expression (:func:`_normed_grad`). On a CPU, autograd would otherwise
+    differentiate F.rms_norm through its decomposition (pow, mean, rsqrt, mul: about 1.5× the time and a saved
+    tensor per piece). The forward is F.rms_norm's own kernel, so the values are the same bits."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        if _FUSED_RMS_NORM:
-            y, r = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, NORM_EPS)
-        else:
-            r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORM_EPS)
-            y = x * r
+        y, r = _normed(x)
         ctx.save_for_backward(y, r)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        y, r = ctx.saved_tensors
-        return (grad - y * (grad * y).mean(-1, keepdim=True)) * r
+        return _normed_grad(grad, *ctx.saved_tensors)
 
 
 def rope_tables(context: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,11 +143,7 @@ class _QKNormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         # qkv: [3, B, heads, T, head_dim], a permuted view of the projection's [B, T, 3, heads, head_dim] output
-        if _FUSED_RMS_NORM:
-            y, r = torch.ops.aten._fused_rms_norm(qkv[:2], [qkv.shape[-1]], None, NORM_EPS)
-        else:
-            r = torch.rsqrt(qkv[:2].pow(2).mean(-1, keepdim=True) + NORM_EPS)
-            y = qkv[:2] * r
+        y, r = _normed(qkv[:2])
         cos2, sin2 = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         ctx.save_for_backward(y, r, cos2, sin2)
         return y * cos2 + _swap_halves(y) * sin2, qkv[2].contiguous()
@@ -148,14 +157,14 @@ class _QKNormRope(torch.autograd.Function):
             grad[:2] = 0
         else:
             grad_y = grad_qk * cos2 + _swap_halves(grad_qk * sin2)  # the rotation's transpose
-            grad[:2] = (grad_y - y * (grad_y * y).mean(-1, keepdim=True)) * r
+            grad[:2] = _normed_grad(grad_y, y, r)
         grad[2] = 0 if grad_v is None else grad_v
         return grad, None, None
 
 
 def norm_rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Queries and keys normed per head and rotated, and the values, from qkv [3, B, heads, T, head_dim]."""
-    if qkv.device.type == "cpu" and qkv.dtype == torch.float32 and qkv.requires_grad:
+    if _own_backward(qkv):
         qk, v = _QKNormRope.apply(qkv, cos, sin)
         q, k = qk.unbind(0)  # one stack in backward (indexing would zero-fill and add a copy per tensor)
         return q, k, v

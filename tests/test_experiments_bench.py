@@ -4,6 +4,7 @@ replay) and the replay sampler, timed and measured, for the built-in GPT and a H
 import json
 
 import pytest
+import torch
 
 from conftest import one_line_error
 from selfreplay.errors import SelfReplayError
@@ -111,7 +112,9 @@ def test_cli_bench_of_a_hugging_face_model(tmp_path, capsys):
     assert results[0]["time_vs_plain"] == 1.0
     table = capsys.readouterr().out
     assert "kl_self" in table and "llama-tiny" in table and "batch 4 x 32 tokens" in table
-    assert f"on cpu, {results[0]['threads']} thread" in table  # what was measured, where
+    # what was measured, where: the CPU by its name and the SIMD level its kernels use
+    assert f" ({results[0]['processor']}), {results[0]['threads']} thread" in table
+    assert results[0]["processor"].endswith(torch.backends.cpu.get_cpu_capability())
 
 
 def test_lora_run_and_bad_input():

@@ -332,8 +332,9 @@ def replay_stats_command(replay, teacher, real, max_sequences, device, threads, 
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also save results as JSON")
 def bench(overrides, model, methods, steps, warmup, no_isolate, json_out) -> None:
     """Time and peak memory of the training step: plain vs KL on real vs KL on self-generated replay (built-in GPT:
-    GFLOP/s and its share of an fp32 matmul timed in the same process). OVERRIDES are finetuning settings
-    (key=value; a CPU defaults to batch 16, replay 4 rows, buffer 16; kl_self is timed over whole refills)."""
+    GFLOP/s and its share of an fp32 matmul timed in the same process), and the CPU or GPU it ran on. OVERRIDES are
+    finetuning settings (key=value; a CPU defaults to batch 16, replay 4 rows, buffer 16; kl_self is timed over
+    whole refills)."""
     from selfreplay.experiments.bench import format_bench, run_bench
     from selfreplay.train.files import atomic_write_json
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import resource
 import tempfile
 import time
@@ -215,6 +216,8 @@ def bench_method(method: str, model: Optional[str], overrides: Sequence[str], st
         result.update(_peak(device, base_mib))
         if kind == "gpt":
             result.update(_limit_fields(trainer, cfg, method, seconds, device))
+        if device.type == "cpu":
+            result["processor"] = cpu_description()
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
             peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -290,6 +293,18 @@ def _isolated(*args) -> dict:
     return value
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the SIMD level of torch's kernels here (e.g. "AMD EPYC, AVX2"): timings and the
+    last digits of results differ between CPUs, so a benchmark says which one it ran on."""
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:  # not Linux
+        pass
+    return ", ".join(x for x in (name, torch.backends.cpu.get_cpu_capability()) if x)
+
+
 def run_bench(methods: Sequence[str], model: Optional[str] = None, overrides: Sequence[str] = (), steps: int = 5,
               warmup: int = 2, isolate: bool = True) -> list[dict]:
     """Benchmark each method; ``overrides`` are finetuning ``key=value`` settings."""
@@ -338,7 +353,9 @@ def format_bench(results: list[dict]) -> str:
                      f"{(f'{gflops:,.1f}' if gflops else '-'):>8} {(f'{share:.0%}' if share else '-'):>8}")
     timed = next((r for r in results if "ms_per_step" in r), None)
     if timed:
-        lines.append(f"{timed['model']} ({timed['params']:,} params) on {timed['device']}, {timed['threads']} "
+        chip = timed.get("processor") or timed.get("gpu")
+        where = timed["device"] + (f" ({chip})" if chip else "")
+        lines.append(f"{timed['model']} ({timed['params']:,} params) on {where}, {timed['threads']} "
                      f"thread(s); batch {timed['batch']} x {timed['seq_len']} tokens, replay rows "
                      f"{max(r.get('replay_rows', 0) for r in results)}; memory: {timed['memory_method']}")
         sampled = next((r for r in results if "refills" in r), None)

@@ -129,6 +129,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x2, x1) over the last dim: RoPE's pairs, with the signs kept in the sin table."""
     h = x.shape[-1] // 2
     return torch.cat((x[..., h:], x[..., :h]), dim=-1)
 

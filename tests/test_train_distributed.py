@@ -17,7 +17,9 @@ from selfreplay.train import distributed as dist_utils
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 180) -> str:
     """``python -m torch.distributed.run --nproc_per_node N -m selfreplay finetune ARGS`` on CPU (gloo)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # PYTHONFAULTHANDLER: a worker that aborts (SIGABRT) prints every thread's Python stack, so a rare crash (once in
+    # CI: "terminate called without an active exception" in rank 1) says whether it came mid-run or at exit
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "selfreplay", "finetune", *args]  # --standalone: a free local rendezvous port
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -28,7 +30,9 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 180) -> str:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
         proc.communicate()
         raise
-    assert proc.returncode == 0, err[-3000:]
+    if proc.returncode != 0:  # how far the run got (stdout), the workers' stacks and torchrun's report (stderr)
+        pytest.fail(f"torchrun exited {proc.returncode}\n--- stdout\n{out[-2000:]}\n--- stderr\n{err[-12000:]}",
+                    pytrace=False)
     return out
 
 

@@ -15,13 +15,14 @@ from selfreplay.errors import SelfReplayError
 from selfreplay.train import distributed as dist_utils
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 180) -> str:
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 180,
+             entry: tuple[str, ...] = ("-m", "selfreplay", "finetune")) -> str:
     """``python -m torch.distributed.run --nproc_per_node N -m selfreplay finetune ARGS`` on CPU (gloo)."""
     # PYTHONFAULTHANDLER: a worker that aborts (SIGABRT) prints every thread's Python stack, so a rare crash (once in
     # CI: "terminate called without an active exception" in rank 1) says whether it came mid-run or at exit
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "selfreplay", "finetune", *args]  # --standalone: a free local rendezvous port
+           *entry, *args]  # --standalone: a free local rendezvous port
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -153,6 +154,30 @@ def test_gpt_two_processes_match_one(strategy, corpora, pretrained, gpt_one_proc
     assert_same_weights(gpt_weights(gpt_one_process), gpt_weights(tmp_path / "two"))
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["stop_reason"] == "length"
+
+
+# Each rank runs the CLI's finetune, then counts the distributed wrappers of the model still alive (before any
+# collection of its own): the process group they hold must be gone while the interpreter still runs.
+_FREED_BEFORE_EXIT = """
+import gc, sys
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+from selfreplay.cli import main
+main(["finetune", *sys.argv[1:]])
+print("wrappers alive:", sum(isinstance(o, (DistributedDataParallel, FSDPModule)) for o in gc.get_objects()))
+"""
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_finished_rank_frees_its_process_group_before_exit(strategy, corpora, pretrained, tmp_path):
+    """DDP's and FSDP's wrappers sit in reference cycles that hold the gloo process group: freed only at the
+    interpreter's exit, a rank sometimes aborted there ("terminate called without an active exception", SIGABRT)
+    after its run had finished, and torchrun reported the run as failed."""
+    script = tmp_path / "rank.py"
+    script.write_text(_FREED_BEFORE_EXIT)
+    out = torchrun(gpt_args(corpora, pretrained, tmp_path / "two", **{"distributed.strategy": strategy}),
+                   entry=(str(script),))
+    assert out.count("wrappers alive: 0") == 2, out
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -12,6 +12,7 @@ normalised by global token counts, so N ranks make the same update as one proces
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -79,7 +80,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group. DDP's and FSDP's wrappers of the model sit in reference cycles that hold the group:
+    collected first, the group's threads are joined now, while the interpreter is alive. Left to the interpreter's
+    exit, a gloo rank sometimes aborted after its run had finished ("terminate called without an active
+    exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

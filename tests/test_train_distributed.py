@@ -17,7 +17,8 @@ from selfreplay.train import distributed as dist_utils
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 180,
              entry: tuple[str, ...] = ("-m", "selfreplay", "finetune")) -> str:
-    """``python -m torch.distributed.run --nproc_per_node N -m selfreplay finetune ARGS`` on CPU (gloo)."""
+    """``python -m torch.distributed.run --nproc_per_node N ENTRY ARGS`` on CPU (gloo); ENTRY is ``-m selfreplay
+    finetune`` unless given (a script path)."""
     # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT) prints every thread's Python stack, which tells a crash mid-run
     # from one at exit (see test_a_finished_rank_frees_its_process_group_before_exit)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}

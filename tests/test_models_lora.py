@@ -1,6 +1,7 @@
 """LoRA on the built-in GPT: only adapters train, the teacher is the base with adapters off, and the saved
 checkpoint is a plain merged GPT."""
 
+import copy
 import json
 
 import pytest
@@ -11,7 +12,8 @@ from selfreplay.config import TrainConfig, load_config
 from selfreplay.errors import SelfReplayError
 from selfreplay.models.builtin import load_gpt_run
 from selfreplay.models.gpt import GPT, GPTConfig
-from selfreplay.models.lora import adapters_disabled, apply_lora, has_lora, merge_lora, merged_parameters
+from selfreplay.models.lora import (adapters_disabled, adapters_folded, apply_lora, has_lora, merge_lora,
+                                   merged_parameters)
 from selfreplay.train import prepare, train
 from selfreplay.train.build import build_parts
 from selfreplay.train.loop import Trainer
@@ -46,6 +48,31 @@ def test_adapters_start_at_zero_and_merge_exactly():
     assert torch.allclose(model(tokens), adapted, atol=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(merged_view[n], p, atol=1e-6)
+
+
+def test_folded_adapters_compute_the_merged_model_and_give_the_frozen_weights_back():
+    model = _tiny_gpt()
+    tokens = torch.randint(0, 64, (3, 16))
+    before = model(tokens)
+    apply_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.1)
+    frozen = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    merged = merge_lora(copy.deepcopy(model))
+    with torch.no_grad(), adapters_folded(model):
+        assert torch.equal(model(tokens), merged(tokens))  # the merged weights, exactly: no hook adds anything
+        assert all(torch.equal(merged_parameters(model)[n], p) for n, p in merged.named_parameters())
+        with adapters_disabled(model):  # the teacher inside an evaluation: the frozen weights
+            assert torch.equal(model(tokens), before)
+        assert torch.equal(model(tokens), merged(tokens))
+    for n, p in model.named_parameters():  # the very tensors of before, bit for bit
+        assert p.data_ptr() == frozen[n][0] and torch.equal(p, frozen[n][1]), n
+    half = _tiny_gpt().to(torch.bfloat16)
+    apply_lora(half, r=4, alpha=8)
+    with adapters_folded(half):  # bf16 weights keep their hooks (a folded update would round away)
+        assert all(m.lora_enabled for m in half.modules() if hasattr(m, "lora_A"))
 
 
 def test_adapter_init_is_seeded():
@@ -86,6 +113,18 @@ def test_lora_finetune_trains_only_adapters_and_saves_plain_gpt(corpora, pretrai
         adapted = model(tokens)
         assert not torch.allclose(adapted, pretrained_model(tokens), atol=1e-4)  # the adapters trained
         assert torch.equal(trainer.teacher(tokens), pretrained_model(tokens))  # adapters off: the pretrained model
+    # evaluation scores the adapters folded into the weights: exactly what a merged copy scores, KL included
+    trainer.cfg.eval.valid_kl = True
+    folded = trainer.evaluate()
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+    module = trainer.eval_forward
+    trainer.eval_forward = merge_lora(copy.deepcopy(model))
+    merged = trainer.evaluate()
+    trainer.eval_forward = module
+    keys = ("valid_loss", "valid_kl", "prev_loss", "prev_kl", "forgetting")
+    assert {k: folded.get(k) for k in keys} == {k: merged.get(k) for k in keys} and folded["prev_kl"] > 0
     summary = trainer.run()
     assert summary["valid_loss"] < first  # the adapters learned the new corpus
     saved = load_gpt_run(run_dir)

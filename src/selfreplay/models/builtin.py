@@ -153,6 +153,9 @@ class GPTAdapter:
     def adapters_disabled(self, net: GPT):
         return lora.adapters_disabled(net)
 
+    def adapters_folded(self, net: GPT):
+        return lora.adapters_folded(net)
+
     def has_lora(self, net: GPT) -> bool:
         return lora.has_lora(net)
 

@@ -30,7 +30,7 @@ class Adapter(Protocol):
     ``head(net)`` -> the output layer; ``cached_forward(net, ids, **kw)`` and ``decoder(module, net, rows, length,
     mode)`` -> an object with ``prefill(prompts)`` / ``step(token, pos)`` returning next-token logits [B, V];
     ``decode_modes``, ``vocab_size``, ``context``, ``blocks`` (FSDP units), ``add_lora``, ``adapters_disabled``,
-    ``has_lora``, ``enable_gradient_checkpointing``.
+    ``adapters_folded`` (evaluation), ``has_lora``, ``enable_gradient_checkpointing``.
     """
 
     kind: str

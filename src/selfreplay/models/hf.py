@@ -204,6 +204,10 @@ class HFAdapter:
         peft = peft_model(net)
         return peft.disable_adapter() if peft is not None else contextlib.nullcontext()
 
+    def adapters_folded(self, net):
+        """peft's own merge_adapter / unmerge_adapter subtract the update again (not bit-exact): hooks stay."""
+        return contextlib.nullcontext()
+
     def has_lora(self, net) -> bool:
         return peft_model(net) is not None
 

@@ -15,6 +15,7 @@ infinite loss stops the run before anything is overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -192,11 +193,12 @@ class Trainer:
         as_teacher = self.state.step == 0 and self.teacher is not None and self.world == 1 \
             and self.eval_forward is self.module and self.teacher.computes_like(self.model)
         valid_teacher = self.teacher if self.cfg.eval.valid_kl else None  # (no valid_kl: one pass less per token)
-        valid = self._score(self.data, valid_teacher, "valid", as_teacher and valid_teacher is not None)
+        with self._adapters_folded():
+            valid = self._score(self.data, valid_teacher, "valid", as_teacher and valid_teacher is not None)
+            prev = None if self.parts.prev is None else self._score(self.parts.prev, self.teacher, "prev", as_teacher)
         valid.pop("teacher_loss", None)
         out.update({f"valid_{k}": v for k, v in valid.items()})
-        if self.parts.prev is not None:
-            prev = self._score(self.parts.prev, self.teacher, "prev", as_teacher)
+        if prev is not None:
             if self.state.prev_teacher_loss is None:  # the model before finetuning (step 0)
                 self.state.prev_teacher_loss = prev.get("teacher_loss", prev["loss"])
             prev.pop("teacher_loss", None)
@@ -212,6 +214,12 @@ class Trainer:
                         raise EvaluationAbandoned
                     out.update(evaluate(self.module))
         return out
+
+    def _adapters_folded(self):
+        """LoRA adapters folded into the weights while held-out data is scored (one process, eager evaluation)."""
+        if self.world > 1 or self.eval_forward is not self.module or not self.model.adapter.has_lora(self.model.net):
+            return contextlib.nullcontext()
+        return self.model.adapter.adapters_folded(self.model.net)
 
     def _norms(self) -> dict:
         from selfreplay.models.lora import merged_parameters

@@ -24,6 +24,14 @@ def _tiny_gpt(seed=0):
     return GPT(GPTConfig(d_model=32, n_layers=1, head_dim=16, context=16, vocab_size=64))
 
 
+@torch.no_grad()
+def _move_adapters(model):
+    """As if the adapters had trained: every lora_B away from zero."""
+    for n, p in model.named_parameters():
+        if n.endswith("lora_B"):
+            p.normal_(std=0.1)
+
+
 def test_adapters_start_at_zero_and_merge_exactly():
     model = _tiny_gpt()
     tokens = torch.randint(0, 64, (3, 16))
@@ -33,10 +41,7 @@ def test_adapters_start_at_zero_and_merge_exactly():
     assert torch.equal(model(tokens), before)  # B = 0: the adapted model starts as the original
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{x}" for n in names for x in "AB"}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(std=0.1)
+    _move_adapters(model)
     adapted = model(tokens)
     assert not torch.allclose(adapted, before)
     with adapters_disabled(model):  # the LoRA teacher: the base weights exactly
@@ -55,10 +60,7 @@ def test_folded_adapters_compute_the_merged_model_and_give_the_frozen_weights_ba
     tokens = torch.randint(0, 64, (3, 16))
     before = model(tokens)
     apply_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(std=0.1)
+    _move_adapters(model)
     frozen = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
     merged = merge_lora(copy.deepcopy(model))
     with torch.no_grad(), adapters_folded(model):

@@ -84,7 +84,8 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def _delta(layer: nn.Linear) -> torch.Tensor:
-    return (layer.lora_B.float() @ layer.lora_A.float()).to(layer.weight.dtype) * layer.lora_scale
+    """The adapter's update of the layer's weight, ``B @ A · alpha / r``, made in fp32, in the weight's dtype."""
+    return ((layer.lora_B.float() @ layer.lora_A.float()) * layer.lora_scale).to(layer.weight.dtype)
 
 
 @contextlib.contextmanager
@@ -132,8 +133,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         hook = getattr(layer, _HOOK_ATTR, None)
         if hook is None:
             continue
-        delta = (layer.lora_B.float() @ layer.lora_A.float()) * layer.lora_scale
-        layer.weight.add_(delta.to(layer.weight.dtype))
+        layer.weight.add_(_delta(layer))
         hook.remove()
         for attr in ("lora_A", "lora_B"):
             delattr(layer, attr)

@@ -38,6 +38,9 @@ def test_bench_times_every_method():
     table = format_bench(results)
     assert "kl_self" in table and "sampled tokens/s" in table and "built-in GPT" in table
     assert "% matmul" in table and "fp32 256^2 matmul" in table
+    # the ratio: self-generated against real replay, each the step time of its own run
+    assert results[2]["time_vs_kl_real"] == pytest.approx(results[2]["ms_per_step"] / results[1]["ms_per_step"])
+    assert f"kl_self / kl_real: {results[2]['time_vs_kl_real']:.2f}\n" in table and "rounds" not in table
 
 
 def test_self_generated_replay_is_timed_over_whole_refills():
@@ -46,6 +49,33 @@ def test_self_generated_replay_is_timed_over_whole_refills():
     result, = run_bench(["kl_self"], None, TINY, steps=3, warmup=1, isolate=False)
     assert (result["timed_steps"], result["refills"], result["buffer"]) == (4, 2, 2)
     assert "timed over 4 steps with 2 refill(s)" in format_bench([result])
+
+
+def test_rounds_interleave_the_methods_in_alternating_order_and_report_every_round(monkeypatch):
+    import selfreplay.experiments.bench as bench
+
+    order, real_bench = [], bench.bench_method
+    monkeypatch.setattr(bench, "bench_method", lambda method, *a: order.append(method) or real_bench(method, *a))
+    methods = ["plain", "kl_real", "kl_self", "sampling"]
+    results = run_bench(methods, None, TINY, steps=1, warmup=1, isolate=False, rounds=3)
+    assert order == methods + methods[::-1] + methods  # drift over the rounds lands on every method alike
+    plain, kl_real, kl_self, sampling = results
+    for r in (plain, kl_real, kl_self):  # each result is its middle round, every round kept in run order
+        assert len(r["rounds_ms_per_step"]) == 3 and r["ms_per_step"] == sorted(r["rounds_ms_per_step"])[1]
+    speeds = sampling["rounds_sampled_tokens_per_s"]
+    assert len(speeds) == 3 and sampling["sampled_tokens_per_s"] == sorted(speeds)[1]
+    # ratios are taken between runs of the same round, then their median
+    same_round = [s / k for s, k in zip(kl_self["rounds_ms_per_step"], kl_real["rounds_ms_per_step"])]
+    assert kl_self["rounds_time_vs_kl_real"] == pytest.approx(same_round)
+    assert kl_self["time_vs_kl_real"] == pytest.approx(sorted(same_round)[1])
+    assert kl_real["time_vs_plain"] == pytest.approx(
+        sorted(k / p for k, p in zip(kl_real["rounds_ms_per_step"], plain["rounds_ms_per_step"]))[1])
+    assert plain["time_vs_plain"] == 1.0 and "time_vs_kl_real" not in kl_real
+    table = format_bench(results)
+    assert "median of 3 rounds" in table and "kl_self / kl_real: " in table and " by round (median " in table
+    with pytest.raises(SelfReplayError) as e:
+        run_bench(["plain"], None, TINY, rounds=0, isolate=False)
+    one_line_error(e, "--rounds=0")
 
 
 def _math_attention_flops(fn) -> int:

@@ -328,9 +328,11 @@ def replay_stats_command(replay, teacher, real, max_sequences, device, threads, 
               help="comma-separated: plain, kl_real, kl_self, sampling (sampled tokens/s of the replay sampler)")
 @click.option("--steps", type=int, default=5, show_default=True, help="timed steps per method")
 @click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first (compilation)")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="run the methods this many times, interleaved, and report the median round and every round")
 @click.option("--no-isolate", is_flag=True, help="run every method in this process (peak memory is then less clean)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also save results as JSON")
-def bench(overrides, model, methods, steps, warmup, no_isolate, json_out) -> None:
+def bench(overrides, model, methods, steps, warmup, rounds, no_isolate, json_out) -> None:
     """Time and peak memory of the training step: plain vs KL on real vs KL on self-generated replay (built-in GPT:
     GFLOP/s and its share of an fp32 matmul timed in the same process), and the CPU or GPU it ran on. OVERRIDES are
     finetuning settings (key=value; a CPU defaults to batch 16, replay 4 rows, buffer 16; kl_self is timed over
@@ -339,7 +341,7 @@ def bench(overrides, model, methods, steps, warmup, no_isolate, json_out) -> Non
     from selfreplay.train.files import atomic_write_json
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    results = run_bench(chosen, model, list(overrides), steps, warmup, isolate=not no_isolate)
+    results = run_bench(chosen, model, list(overrides), steps, warmup, isolate=not no_isolate, rounds=rounds)
     click.echo(format_bench(results))
     if json_out:
         atomic_write_json(json_out, results)

@@ -41,6 +41,7 @@ METHODS = {"plain": ["replay.method=none"], "kl_real": ["replay.method=kl"], "kl
            "sampling": ["replay.method=kl", "replay.source=self"]}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for model FLOPs utilisation
 # the paper's setting on a GPU; a CPU gets a batch that finishes in seconds (BENCHMARKS.md)
+MAX_ROUNDS = 100  # interleaved repetitions of the methods (each is whole processes' worth of steps)
 GPU_DEFAULTS = ["data.batch_size=256", "replay.batch_size=64", "replay.buffer=16"]
 CPU_DEFAULTS = ["data.batch_size=16", "replay.batch_size=4", "replay.buffer=16"]  # the library's default buffer
 _LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -306,32 +307,62 @@ def cpu_description() -> str:
 
 
 def run_bench(methods: Sequence[str], model: Optional[str] = None, overrides: Sequence[str] = (), steps: int = 5,
-              warmup: int = 2, isolate: bool = True) -> list[dict]:
-    """Benchmark each method; ``overrides`` are finetuning ``key=value`` settings."""
+              warmup: int = 2, isolate: bool = True, rounds: int = 1) -> list[dict]:
+    """Benchmark each method; ``overrides`` are finetuning ``key=value`` settings. With ``rounds`` > 1 the methods
+    run that many times, interleaved in alternating order (a machine's drift lands on every method alike): each
+    result is the median round's, with every round's time and ratios beside it (:func:`_combine_rounds`)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SelfReplayError(f"bench --methods: {', '.join(unknown) or 'none given'}; expected some of "
                               f"{', '.join(METHODS)}")
     if steps < 1 or warmup < 0:
         raise SelfReplayError(f"bench: steps={steps}, warmup={warmup}: need steps >= 1 and warmup >= 0")
+    if not 1 <= rounds <= MAX_ROUNDS:
+        raise SelfReplayError(f"bench --rounds={rounds}: expected 1 to {MAX_ROUNDS}")
     if model is not None:
         from selfreplay.models.hf import require_hf
 
         require_hf("transformers")
     from selfreplay.progress import progress
 
-    bar = progress(len(methods), "bench", "methods", every_s=0.0)
-    results = []
-    for m in methods:
-        args = (m, model, list(overrides), steps, warmup)
-        results.append(_isolated(*args) if isolate else bench_method(*args))
-        bar.update(1)
+    bar = progress(len(methods) * rounds, "bench", "runs" if rounds > 1 else "methods", every_s=0.0)
+    by_method: dict[str, list[dict]] = {m: [] for m in methods}
+    for i in range(rounds):
+        for m in (methods if i % 2 == 0 else list(reversed(methods))):
+            args = (m, model, list(overrides), steps, warmup)
+            by_method[m].append(_isolated(*args) if isolate else bench_method(*args))
+            bar.update(1)
     bar.close()
-    plain = next((r for r in results if r["method"] == "plain"), None)
-    for r in results:
-        if "ms_per_step" in r and plain:
-            r["time_vs_plain"] = r["ms_per_step"] / plain["ms_per_step"]
-            r["memory_vs_plain"] = r["step_mib"] / plain["step_mib"] if plain.get("step_mib") else None
+    return _combine_rounds(by_method)
+
+
+def _combine_rounds(by_method: dict[str, list[dict]]) -> list[dict]:
+    """One result per method: its median round (the lower middle one), with every round's figure in run order
+    (``rounds_ms_per_step`` or ``rounds_sampled_tokens_per_s``) and the median of the ratios of step times taken in
+    the same round: against plain (``time_vs_plain``) and, for kl_self, against kl_real (``time_vs_kl_real``)."""
+    def key(method: str) -> str:
+        return "sampled_tokens_per_s" if method == "sampling" else "ms_per_step"
+
+    median_round = {m: dict(sorted(runs, key=lambda r: r[key(m)])[(len(runs) - 1) // 2])
+                    for m, runs in by_method.items()}
+    plain = median_round.get("plain")
+    results = []
+    for method, runs in by_method.items():
+        result = median_round[method]
+        if len(runs) > 1:
+            result["rounds_" + key(method)] = [r[key(method)] for r in runs]
+        if method == "sampling":
+            results.append(result)
+            continue
+        for name, base in (("time_vs_plain", "plain"), ("time_vs_kl_real", "kl_real")):
+            if base in by_method and (base == "plain" or method == "kl_self"):
+                ratios = [r["ms_per_step"] / b["ms_per_step"] for r, b in zip(runs, by_method[base])]
+                result[name] = float(np.median(ratios))
+                if len(runs) > 1:
+                    result["rounds_" + name] = ratios
+        if plain is not None:
+            result["memory_vs_plain"] = result["step_mib"] / plain["step_mib"] if plain.get("step_mib") else None
+        results.append(result)
     return results
 
 
@@ -342,8 +373,11 @@ def format_bench(results: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         if r["method"] == "sampling":
+            by_round = r.get("rounds_sampled_tokens_per_s")
             lines.append(f"sampling: {r['sampled_tokens_per_s']:,.0f} sampled tokens/s ({r['sequences_per_refill']} "
-                         f"sequences x {r['length']} tokens per refill, decode {r['decode']})")
+                         f"sequences x {r['length']} tokens per refill, decode {r['decode']})" + (
+                             "" if by_round is None else
+                             "; by round: " + ", ".join(f"{x:,.0f}" for x in by_round) + " (the median shown)"))
             continue
         rel, step, mfu = r.get("time_vs_plain"), r.get("step_mib"), r.get("mfu")
         gflops, share = r.get("gflops"), r.get("of_matmul")
@@ -362,6 +396,17 @@ def format_bench(results: list[dict]) -> str:
         if sampled:
             lines.append(f"kl_self: timed over {sampled['timed_steps']} steps with {sampled['refills']} refill(s) of "
                          f"replay.buffer={sampled['buffer']} batches (whole refill periods)")
+        rounds = [r for r in results if "rounds_ms_per_step" in r]
+        if rounds:
+            lines.append(f"median of {len(rounds[0]['rounds_ms_per_step'])} rounds (methods interleaved, alternating "
+                         f"order); ms/step by round: " + "; ".join(
+                             f"{r['method']} " + ", ".join(f"{t:,.0f}" for t in r["rounds_ms_per_step"])
+                             for r in rounds))
+        self_kl = next((r for r in results if "time_vs_kl_real" in r), None)
+        if self_kl:
+            by_round = self_kl.get("rounds_time_vs_kl_real")
+            lines.append("kl_self / kl_real: " + (f"{self_kl['time_vs_kl_real']:.2f}" if by_round is None else
+                         ", ".join(f"{x:.2f}" for x in by_round) + f" by round (median {self_kl['time_vs_kl_real']:.2f})"))
         if timed.get("matmul_gflops"):
             lines.append(f"% matmul: the step's model FLOPs per second against an fp32 {timed['matmul_size']}^2 matmul "
                          f"in the same process ({timed['matmul_gflops']:,.1f} GFLOP/s)")

@@ -206,21 +206,17 @@ def test_table_and_verdict():
         base, barely, names)
     slipped = RunResult("kl", "self", final_accuracy=dict(zip(names, [0.961, 1.0, 0.85, 0.98])))
     assert "inconclusive" in make_verdict(base, slipped, names) and ">= 90%)" in make_verdict(base, slipped, names)
-    # a task never learned in its own stage (seeds 2 and 3 of the CPU preset never learn 'add' in 800 steps): said so
+    # a first task never learned in its own stage (seeds 2 and 3 of the CPU preset never learn 'add' in 800 steps)
     def records(add_at_its_end):
         return [{"task": "add", "accuracy": {"add": 0.0}}, {"task": "add", "accuracy": {"add": add_at_its_end}},
                 {"task": "reversal", "accuracy": {"add": 0.0, "reversal": 1.0}}]
     stuck = RunResult("kl", "self", final_accuracy=dict(zip(names, [0.035, 1.0, 0.99, 0.06])))
     stuck.records, base.records = records(0.027), records(0.027)
-    verdict = make_verdict(base, stuck, names)
-    assert verdict == ("Verdict: inconclusive: the model did not learn 'add' in its own task (2.7% at its end), so "
-                       "there was nothing to forget or keep; try another --seed or more --steps-per-task.")
+    assert make_verdict(base, stuck, names) == (
+        "Verdict: inconclusive: the model did not learn 'add' in its own task (2.7% at its end), so there was "
+        "nothing to forget; try another --seed or more --steps-per-task.")
     stuck.records, base.records = records(0.996), records(0.996)  # learned, then lost even with replay
     assert "inconclusive at this size" in make_verdict(base, stuck, names)
-    late = RunResult("kl", "self", final_accuracy=dict(stuck.final_accuracy), records=records(0.996)[:2] + [
-        {"task": "reversal", "accuracy": {"add": 0.99, "reversal": 0.4}}])  # a later task, in one run
-    assert "with self-generated replay (kl), the model did not learn 'reversal' in its own task (40.0% at its" in \
-        make_verdict(base, late, names)
     assert replay_label("kl", "real") == "With real-data replay (KL)"
     assert replay_label("none", "real") == "Without replay"
 

@@ -17,6 +17,9 @@ what the built trainer held (weights, teacher), i.e. what a step adds.
 For the built-in GPT each row also says how near the machine's limit a step is: the step's model FLOPs
 (:func:`gpt_step_flops`) over its time, in GFLOP/s, and that as a share of the fp32 matmul throughput measured in the
 same process with the same threads (:func:`matmul_gflops`).
+
+Timings on a shared machine drift by more than the differences between methods: ``rounds`` repeats the methods,
+interleaved in alternating order, and takes each ratio between runs of the same round (:func:`_combine_rounds`).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ METHODS = {"plain": ["replay.method=none"], "kl_real": ["replay.method=kl"], "kl
                                                                                          "replay.source=self"],
            "sampling": ["replay.method=kl", "replay.source=self"]}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, for model FLOPs utilisation
+MAX_ROUNDS = 100  # interleaved repetitions of the methods (--rounds)
 # the paper's setting on a GPU; a CPU gets a batch that finishes in seconds (BENCHMARKS.md)
-MAX_ROUNDS = 100  # interleaved repetitions of the methods (each is whole processes' worth of steps)
 GPU_DEFAULTS = ["data.batch_size=256", "replay.batch_size=64", "replay.buffer=16"]
 CPU_DEFAULTS = ["data.batch_size=16", "replay.batch_size=4", "replay.buffer=16"]  # the library's default buffer
 _LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -399,14 +402,16 @@ def format_bench(results: list[dict]) -> str:
         rounds = [r for r in results if "rounds_ms_per_step" in r]
         if rounds:
             lines.append(f"median of {len(rounds[0]['rounds_ms_per_step'])} rounds (methods interleaved, alternating "
-                         f"order); ms/step by round: " + "; ".join(
+                         f"order; 'x plain': the median of same-round ratios); ms/step by round: " + "; ".join(
                              f"{r['method']} " + ", ".join(f"{t:,.0f}" for t in r["rounds_ms_per_step"])
                              for r in rounds))
         self_kl = next((r for r in results if "time_vs_kl_real" in r), None)
         if self_kl:
             by_round = self_kl.get("rounds_time_vs_kl_real")
-            lines.append("kl_self / kl_real: " + (f"{self_kl['time_vs_kl_real']:.2f}" if by_round is None else
-                         ", ".join(f"{x:.2f}" for x in by_round) + f" by round (median {self_kl['time_vs_kl_real']:.2f})"))
+            median = f"{self_kl['time_vs_kl_real']:.2f}"
+            if by_round is not None:
+                median = ", ".join(f"{x:.2f}" for x in by_round) + f" by round (median {median})"
+            lines.append(f"kl_self / kl_real: {median}")
         if timed.get("matmul_gflops"):
             lines.append(f"% matmul: the step's model FLOPs per second against an fp32 {timed['matmul_size']}^2 matmul "
                          f"in the same process ({timed['matmul_gflops']:,.1f} GFLOP/s)")

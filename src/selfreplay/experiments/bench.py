@@ -408,10 +408,10 @@ def format_bench(results: list[dict]) -> str:
         self_kl = next((r for r in results if "time_vs_kl_real" in r), None)
         if self_kl:
             by_round = self_kl.get("rounds_time_vs_kl_real")
-            median = f"{self_kl['time_vs_kl_real']:.2f}"
+            ratio = f"{self_kl['time_vs_kl_real']:.2f}"
             if by_round is not None:
-                median = ", ".join(f"{x:.2f}" for x in by_round) + f" by round (median {median})"
-            lines.append(f"kl_self / kl_real: {median}")
+                ratio = ", ".join(f"{x:.2f}" for x in by_round) + f" by round (median {ratio})"
+            lines.append(f"kl_self / kl_real: {ratio}")
         if timed.get("matmul_gflops"):
             lines.append(f"% matmul: the step's model FLOPs per second against an fp32 {timed['matmul_size']}^2 matmul "
                          f"in the same process ({timed['matmul_gflops']:,.1f} GFLOP/s)")

@@ -357,8 +357,9 @@ def _combine_rounds(by_method: dict[str, list[dict]]) -> list[dict]:
         if method == "sampling":
             results.append(result)
             continue
-        for name, base in (("time_vs_plain", "plain"), ("time_vs_kl_real", "kl_real")):
-            if base in by_method and (base == "plain" or method == "kl_self"):
+        bases = {"time_vs_plain": "plain", **({"time_vs_kl_real": "kl_real"} if method == "kl_self" else {})}
+        for name, base in bases.items():
+            if base in by_method:
                 ratios = [r["ms_per_step"] / b["ms_per_step"] for r, b in zip(runs, by_method[base])]
                 result[name] = float(np.median(ratios))
                 if len(runs) > 1:
